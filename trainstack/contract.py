@@ -1,0 +1,166 @@
+"""The contract between the Pulumi program (`infra/`), the machine (`bootstrap/`)
+and the laptop (`trainstack/`): stack output names, tags and the remote layout.
+
+This is the only module `infra/` imports from this package. It must stay
+dependency-free (standard library only) so importing it costs nothing on either
+side. Renaming anything here is a breaking change for existing stacks: a test
+pins every name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PROJECT = "trainstack"
+CONFIG_NAMESPACE = "trainstack"
+
+#: The reserved stack name of the local target (a real sshd on 127.0.0.1).
+LOCAL_STACK = "local"
+
+
+class Outputs:
+    """Stack output names. `nodes` is always a list; node 0 is the head (rank 0)."""
+
+    NODES = "nodes"  # [{host, port, private_ip, instance_id}]
+    SSH_USER = "ssh_user"
+    SSH_PRIVATE_KEY = "ssh_private_key"  # secret
+    SSH_HOST_PUBLIC_KEY = "ssh_host_public_key"  # "ssh-ed25519 AAAA..." pinned by the client
+    REMOTE_ROOT = "remote_root"
+    INSTANCE_TYPE = "instance_type"
+    REGION = "region"
+    SPOT = "spot"
+    EXPERIMENT = "experiment"
+    RESULTS = "results"  # dirs (relative to the workdir) brought back by fetch, never touched by sync
+    IDLE_MINUTES = "idle_minutes"
+    MAX_HOURS = "max_hours"
+    PRICE_PER_HOUR = "price_per_hour"
+
+    REQUIRED = (NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT)
+    ALL = (
+        NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT, INSTANCE_TYPE,
+        REGION, SPOT, EXPERIMENT, RESULTS, IDLE_MINUTES, MAX_HOURS, PRICE_PER_HOUR,
+    )
+
+
+class NodeKeys:
+    HOST = "host"
+    PORT = "port"
+    PRIVATE_IP = "private_ip"
+    INSTANCE_ID = "instance_id"
+
+
+class Tags:
+    """Tags on every AWS resource of an experiment."""
+
+    EXPERIMENT = "trainstack:experiment"
+    OWNER = "trainstack:owner"
+    CREATED_BY = "created-by"
+    CREATED_BY_VALUE = "trainstack"
+
+
+class Remote:
+    """Paths relative to `remote_root` on every node."""
+
+    WORKDIR = "workdir"
+    RUNS = "runs"  # runs/<run-id>/{command, env, pid, started_at, exit_code, log}
+    VENV = "venv"
+    CACHE = "cache"  # uv cache and other dependency caches
+    BIN = "bin"  # the job runner and the watchdog, installed by the bootstrap
+    READY = "ready.json"
+    BOOTSTRAP_LOG = "bootstrap.log"
+    SYNC_MANIFEST = ".trainstack-manifest.json"  # kept beside (not inside) workdir
+
+    # Files inside one run directory.
+    RUN_COMMAND = "command"
+    RUN_ENV = "env"
+    RUN_PID = "pid"
+    RUN_STARTED_AT = "started_at"
+    RUN_EXIT_CODE = "exit_code"
+    RUN_LOG = "log"
+
+    RUNNER = "bin/trainstack-run"
+    WATCHDOG = "bin/trainstack-watchdog"
+
+
+class ReadyStatus:
+    OK = "ok"
+    FAILED = "failed"
+
+
+DEFAULT_SSH_USER = "ubuntu"
+DEFAULT_REMOTE_ROOT = "/home/ubuntu/trainstack"
+DEFAULT_RESULTS = ("results", "checkpoints")
+SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class Node:
+    host: str
+    port: int = SSH_PORT
+    private_ip: str = ""
+    instance_id: str = ""
+
+    @classmethod
+    def from_output(cls, raw: Mapping[str, Any]) -> "Node":
+        return cls(
+            host=str(raw[NodeKeys.HOST]),
+            port=int(raw.get(NodeKeys.PORT) or SSH_PORT),
+            private_ip=str(raw.get(NodeKeys.PRIVATE_IP) or ""),
+            instance_id=str(raw.get(NodeKeys.INSTANCE_ID) or ""),
+        )
+
+    def to_output(self) -> dict[str, Any]:
+        return {
+            NodeKeys.HOST: self.host,
+            NodeKeys.PORT: self.port,
+            NodeKeys.PRIVATE_IP: self.private_ip,
+            NodeKeys.INSTANCE_ID: self.instance_id,
+        }
+
+
+@dataclass(frozen=True)
+class StackOutputs:
+    """The parsed outputs of one experiment's stack (or of the local target)."""
+
+    stack: str
+    nodes: tuple[Node, ...]
+    ssh_user: str
+    ssh_private_key: str = field(repr=False)
+    ssh_host_public_key: str
+    remote_root: str
+    instance_type: str = ""
+    region: str = ""
+    spot: bool = False
+    results: tuple[str, ...] = DEFAULT_RESULTS
+    idle_minutes: int | None = None
+    max_hours: float | None = None
+    price_per_hour: float | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def head(self) -> Node:
+        return self.nodes[0]
+
+    @classmethod
+    def parse(cls, stack: str, raw: Mapping[str, Any]) -> "StackOutputs":
+        """Raises KeyError naming the first missing required output."""
+        for name in Outputs.REQUIRED:
+            if raw.get(name) in (None, "", []):
+                raise KeyError(name)
+        return cls(
+            stack=stack,
+            nodes=tuple(Node.from_output(n) for n in raw[Outputs.NODES]),
+            ssh_user=str(raw[Outputs.SSH_USER]),
+            ssh_private_key=str(raw[Outputs.SSH_PRIVATE_KEY]),
+            ssh_host_public_key=str(raw[Outputs.SSH_HOST_PUBLIC_KEY]).strip(),
+            remote_root=str(raw[Outputs.REMOTE_ROOT]),
+            instance_type=str(raw.get(Outputs.INSTANCE_TYPE) or ""),
+            region=str(raw.get(Outputs.REGION) or ""),
+            spot=bool(raw.get(Outputs.SPOT) or False),
+            results=tuple(raw.get(Outputs.RESULTS) or DEFAULT_RESULTS),
+            idle_minutes=raw.get(Outputs.IDLE_MINUTES),
+            max_hours=raw.get(Outputs.MAX_HOURS),
+            price_per_hour=raw.get(Outputs.PRICE_PER_HOUR),
+            raw=dict(raw),
+        )
