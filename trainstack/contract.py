@@ -81,6 +81,8 @@ class Remote:
 
     RUNNER = "bin/trainstack-run"
     WATCHDOG = "bin/trainstack-watchdog"
+    WATCHDOG_ENV = "watchdog.env"  # the watchdog's settings (TRAINSTACK_IDLE_MINUTES=..., ...)
+    WATCHDOG_STATE = "watchdog.json"  # its last decision: busy, last activity, deadlines
 
 
 class ReadyStatus:
