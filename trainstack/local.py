@@ -1,0 +1,489 @@
+"""The local target: a real OpenSSH sshd on 127.0.0.1 standing in for a cloud machine.
+
+`up()` generates a host key and a client key, writes an sshd config that runs as the
+current user (no root needed: no PAM, its own host key, pid file and authorized_keys),
+starts sshd on a free port, lays out the remote root like the bootstrap does (runner
+scripts in bin/, uv, ready.json) and writes outputs in the exact shape of a Pulumi
+stack's. Everything lives under `.trainstack/local/` of the project; `down()` stops the
+sshd by its pid (and every session and run it started) and removes that directory.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trainstack import contract
+from trainstack.errors import LocalTargetError, UsageError
+
+LOCAL_DIRNAME = "local"
+OUTPUTS_FILE = "outputs.json"
+HOST = "127.0.0.1"
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
+#: The directory sshd's privilege separation chroots into when it runs as root.
+PRIVSEP_DIR = Path("/run/sshd")
+START_TIMEOUT = 15.0
+#: The bootstrap's own scripts, installed into <remote_root>/bin like on a real machine.
+BOOTSTRAP_BIN = Path(__file__).resolve().parent.parent / "bootstrap" / "bin"
+
+
+def local_dir(project_dir: Path) -> Path:
+    from trainstack.stack import state_root
+
+    return state_root(project_dir) / LOCAL_DIRNAME
+
+
+def outputs_path(project_dir: Path) -> Path:
+    return local_dir(project_dir) / OUTPUTS_FILE
+
+
+@dataclass
+class LocalTarget:
+    """The files and processes of the local target of one project."""
+
+    project_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return local_dir(self.project_dir)
+
+    @property
+    def remote_root(self) -> Path:
+        return self.root / "remote"
+
+    @property
+    def host_key(self) -> Path:
+        return self.root / "ssh_host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "id_ed25519"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.root / "authorized_keys"
+
+    def sshd_config(self, node_index: int = 0) -> Path:
+        return self.root / f"sshd_config.{node_index}"
+
+    def pid_file(self, node_index: int = 0) -> Path:
+        return self.root / f"sshd.{node_index}.pid"
+
+    def log_file(self, node_index: int = 0) -> Path:
+        return self.root / f"sshd.{node_index}.log"
+
+    @property
+    def outputs_file(self) -> Path:
+        return self.root / OUTPUTS_FILE
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def up(self, nodes: int = 1) -> contract.StackOutputs:
+        """Start (or keep) the sshd and write the outputs; idempotent."""
+        if nodes != 1:
+            raise UsageError("the local target runs one node; pass --nodes 1")
+        sshd = find_sshd()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._ensure_keys()
+        previous = self._read_outputs_raw()
+        ports = [int(n.get(contract.NodeKeys.PORT, 0)) for n in previous.get(contract.Outputs.NODES, [])]
+        node_ports: list[int] = []
+        for index in range(nodes):
+            if self.sshd_pid(index) is not None:
+                node_ports.append(ports[index])
+                continue
+            wanted = ports[index] if index < len(ports) and _port_is_free(ports[index]) else free_port()
+            self._write_sshd_config(index, wanted)
+            self._start_sshd(sshd, index, wanted)
+            node_ports.append(wanted)
+        self._lay_out_remote_root()
+        outputs = self._outputs(node_ports)
+        _write_json_private(self.outputs_file, dict(outputs.raw))
+        return outputs
+
+    def down(self, grace: float = 5.0) -> bool:
+        """Stop runs, sessions and sshd, then remove the local target. False if nothing was there."""
+        if not self.root.exists():
+            return False
+        self._stop_runs(grace)
+        for index in self._node_indexes():
+            self.stop_sshd(index)
+        shutil.rmtree(self.root, ignore_errors=True)
+        from trainstack.stack import stack_state_dir
+
+        shutil.rmtree(stack_state_dir(self.project_dir, contract.LOCAL_STACK), ignore_errors=True)
+        return True
+
+    def is_up(self) -> bool:
+        return self.outputs_file.is_file() and self.sshd_pid(0) is not None
+
+    # --- process control (also used by fault-injection tests) -----------------------------
+
+    def sshd_pid(self, node_index: int = 0) -> int | None:
+        """The pid of our listening sshd, if it is alive and really ours."""
+        try:
+            pid = int(self.pid_file(node_index).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            # sshd rewrites its process title but keeps its arguments in it.
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return None
+        return pid if f"-f {self.sshd_config(node_index)} ".encode() in cmdline + b" " else None
+
+    def kill_sessions(self, node_index: int = 0) -> int:
+        """SIGKILL every connection of the sshd (a network drop); the listener stays. Returns how many."""
+        pid = self.sshd_pid(node_index)
+        if pid is None:
+            return 0
+        victims = _descendants(pid)
+        for child in victims:
+            _signal(child, signal.SIGKILL)
+        return len(victims)
+
+    def stop_sshd(self, node_index: int = 0, hard: bool = False) -> None:
+        """Stop the listener and all its sessions (SIGKILL when `hard`, a crash)."""
+        pid = self.sshd_pid(node_index)
+        if pid is None:
+            self.pid_file(node_index).unlink(missing_ok=True)
+            return
+        sessions = _descendants(pid)
+        _signal(pid, signal.SIGKILL if hard else signal.SIGTERM)
+        for child in sessions:
+            _signal(child, signal.SIGKILL)
+        _wait_gone(pid, 5.0)
+        self.pid_file(node_index).unlink(missing_ok=True)
+
+    def start_sshd(self, node_index: int = 0) -> None:
+        """Start the listener again on its recorded port (after `stop_sshd`)."""
+        if self.sshd_pid(node_index) is not None:
+            return
+        port = self._port(node_index)
+        self._start_sshd(find_sshd(), node_index, port)
+
+    def restart_sshd(self, node_index: int = 0, hard: bool = True) -> None:
+        self.stop_sshd(node_index, hard=hard)
+        self.start_sshd(node_index)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _ensure_keys(self) -> None:
+        for key, comment in ((self.host_key, "trainstack-local-host"), (self.client_key, "trainstack-local-client")):
+            if not key.exists() or not key.with_suffix(".pub").exists():
+                key.unlink(missing_ok=True)
+                key.with_suffix(".pub").unlink(missing_ok=True)
+                _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
+        public = self.client_key.with_suffix(".pub").read_text().strip()
+        self.authorized_keys.write_text(public + "\n")
+        os.chmod(self.authorized_keys, 0o600)
+
+    def _write_sshd_config(self, node_index: int, port: int) -> None:
+        # Each option is here because the default would break a private, non-root sshd
+        # or loosen what a test can prove about the real machine's configuration.
+        options = [
+            f"Port {port}",
+            f"ListenAddress {HOST}",  # never reachable from outside this machine
+            f"HostKey {self.host_key}",  # its own key, pinned by the client through the outputs
+            f"PidFile {self.pid_file(node_index)}",  # how down() finds it; /run is root's
+            f"AuthorizedKeysFile {self.authorized_keys}",  # our client key only, not ~/.ssh
+            f"AllowUsers {current_user()}",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",  # PAM needs root; key auth needs nothing from it
+            "StrictModes no",  # the project may live under a group-writable directory
+            "PermitRootLogin prohibit-password",  # CI runs as root; keys only
+            "PrintMotd no",
+            "Subsystem sftp internal-sftp",
+            "ClientAliveInterval 15",  # drop dead clients like a cloud sshd would
+            "ClientAliveCountMax 4",
+            "MaxStartups 64:30:128",  # tests and multiplexed clients open connections in bursts
+            "MaxSessions 64",  # ControlMaster multiplexes many sessions over one connection
+            "LogLevel INFO",
+        ]
+        path = self.sshd_config(node_index)
+        path.write_text("\n".join(options) + "\n")
+        os.chmod(path, 0o600)
+
+    def _start_sshd(self, sshd: str, node_index: int, port: int) -> None:
+        if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
+            PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.pid_file(node_index).unlink(missing_ok=True)
+        log = self.log_file(node_index)
+        proc = subprocess.run(
+            [sshd, "-f", str(self.sshd_config(node_index)), "-E", str(log)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, start_new_session=True,
+        )
+        if proc.returncode != 0:
+            detail = (proc.stderr.strip() or _tail(log)).splitlines()
+            raise LocalTargetError(
+                f"sshd did not start ({detail[-1] if detail else f'exit code {proc.returncode}'}); "
+                f"see {log}"
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.sshd_pid(node_index) is not None and _accepts(HOST, port):
+                return
+            time.sleep(0.05)
+        raise LocalTargetError(
+            f"sshd did not listen on {HOST}:{port} within {START_TIMEOUT:.0f} s: {_tail(log) or 'no log'}"
+        )
+
+    def _lay_out_remote_root(self) -> None:
+        root = self.remote_root
+        for sub in (contract.Remote.BIN, contract.Remote.RUNS, contract.Remote.WORKDIR, contract.Remote.CACHE):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        if BOOTSTRAP_BIN.is_dir():
+            for script in sorted(BOOTSTRAP_BIN.iterdir()):
+                if script.is_file():
+                    target = root / contract.Remote.BIN / script.name
+                    shutil.copyfile(script, target)
+                    os.chmod(target, 0o755)
+        uv = find_uv()
+        if uv is not None:
+            _symlink(root / contract.Remote.BIN / "uv", Path(uv))
+            cache = _uv_cache_dir(uv)
+            if cache is not None:
+                _symlink(root / contract.Remote.CACHE / "uv", cache)
+        (root / contract.Remote.BOOTSTRAP_LOG).write_text(
+            "local target: no first-boot setup; the remote root was laid out by `invoke local.up`\n"
+        )
+        ready = {
+            "status": contract.ReadyStatus.OK,
+            "target": contract.LOCAL_STACK,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python": shutil.which("python3") or "",
+            "gpus": [],
+        }
+        (root / contract.Remote.READY).write_text(json.dumps(ready, indent=2) + "\n")
+
+    def _outputs(self, ports: list[int]) -> contract.StackOutputs:
+        host_public = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
+        raw = {
+            contract.Outputs.NODES: [
+                contract.Node(host=HOST, port=port, private_ip=HOST, instance_id=f"local-{index}").to_output()
+                for index, port in enumerate(ports)
+            ],
+            contract.Outputs.SSH_USER: current_user(),
+            contract.Outputs.SSH_PRIVATE_KEY: self.client_key.read_text(),
+            contract.Outputs.SSH_HOST_PUBLIC_KEY: host_public,
+            contract.Outputs.REMOTE_ROOT: str(self.remote_root),
+            contract.Outputs.INSTANCE_TYPE: "local",
+            contract.Outputs.REGION: "local",
+            contract.Outputs.SPOT: False,
+            contract.Outputs.EXPERIMENT: contract.LOCAL_STACK,
+            contract.Outputs.RESULTS: list(contract.DEFAULT_RESULTS),
+        }
+        return contract.StackOutputs.parse(contract.LOCAL_STACK, raw)
+
+    def _read_outputs_raw(self) -> dict:
+        try:
+            raw = json.loads(self.outputs_file.read_text())
+            return raw if isinstance(raw, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _port(self, node_index: int) -> int:
+        nodes = self._read_outputs_raw().get(contract.Outputs.NODES) or []
+        if node_index < len(nodes):
+            return int(nodes[node_index][contract.NodeKeys.PORT])
+        for line in self.sshd_config(node_index).read_text().splitlines():
+            if line.startswith("Port "):
+                return int(line.split()[1])
+        raise LocalTargetError(f"local node {node_index} was never started: run `invoke local.up`")
+
+    def _node_indexes(self) -> list[int]:
+        return sorted(int(p.suffix[1:]) for p in self.root.glob("sshd_config.*") if p.suffix[1:].isdigit())
+
+    def _stop_runs(self, grace: float) -> None:
+        """Terminate the process groups of runs still going, like an instance shutting down."""
+        groups = []
+        for pid_file in (self.remote_root / contract.Remote.RUNS).glob(f"*/{contract.Remote.RUN_PID}"):
+            if (pid_file.parent / contract.Remote.RUN_EXIT_CODE).exists():
+                continue
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _alive(pid):
+                groups.append(pid)
+                _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while groups and time.monotonic() < deadline:
+            groups = [pid for pid in groups if _alive(pid)]
+            time.sleep(0.1)
+        for pid in groups:
+            _signal_group(pid, signal.SIGKILL)
+
+
+def up(project_dir: Path, nodes: int = 1) -> contract.StackOutputs:
+    return LocalTarget(project_dir).up(nodes)
+
+
+def down(project_dir: Path) -> bool:
+    return LocalTarget(project_dir).down()
+
+
+def current_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return getpass.getuser()
+
+
+def find_sshd() -> str:
+    for candidate in (*SSHD_CANDIDATES, shutil.which("sshd")):
+        if candidate and os.access(candidate, os.X_OK):
+            # sshd re-executes itself and insists on an absolute path.
+            return str(Path(candidate).resolve())
+    raise LocalTargetError(
+        "OpenSSH sshd not found: install it (Debian/Ubuntu: sudo apt-get install openssh-server)"
+    )
+
+
+def find_uv() -> str | None:
+    beside_python = Path(sys.executable).parent / "uv"
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which("uv")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    if port <= 0:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _uv_cache_dir(uv: str) -> Path | None:
+    try:
+        proc = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    path = Path(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _symlink(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            return
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        else:
+            link.unlink()
+    link.symlink_to(target)
+
+
+def _write_json_private(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LocalTargetError(
+            f"{argv[0]} not found: install OpenSSH (sudo apt-get install openssh-client openssh-server)"
+        ) from None
+    if proc.returncode != 0:
+        raise LocalTargetError(f"{argv[0]} failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in field 2 may contain spaces and parentheses; fields resume after the last ')'.
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
+    found: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        _signal(pgid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)

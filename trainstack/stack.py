@@ -1,0 +1,354 @@
+"""Which experiment, which machine, which project: resolving a `Target`.
+
+A target is one stack's outputs (where the nodes are and how to reach them),
+plus the local project to ship there and a per-stack state directory for the
+files OpenSSH needs (pinned known_hosts, the private key) and cached outputs.
+
+Precedence, most specific first:
+  stack:   --stack > $TRAINSTACK_STACK > the Pulumi CLI's selected stack
+  workdir: --workdir > $TRAINSTACK_WORKDIR > config `trainstack:workdir` (relative to the stack file)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from trainstack import contract
+from trainstack.contract import LOCAL_STACK, StackOutputs
+from trainstack.errors import (
+    OutputsMissing,
+    PulumiCliError,
+    StackNotFound,
+    UsageError,
+)
+
+ENV_STACK = "TRAINSTACK_STACK"
+ENV_WORKDIR = "TRAINSTACK_WORKDIR"
+STATE_DIRNAME = ".trainstack"
+OUTPUTS_CACHE = "outputs.json"
+KNOWN_HOSTS = "known_hosts"
+PRIVATE_KEY = "id_key"
+
+# Pulumi stack names: letters, digits, `-`, `_`, `.`; optionally qualified as org/project/stack.
+_STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,2}$")
+
+
+@dataclass
+class Target:
+    """Everything a task needs to act on one experiment."""
+
+    stack: str
+    outputs: StackOutputs
+    workdir: Path | None
+    state_dir: Path
+    results: tuple[str, ...]
+    command: str | None
+    project_dir: Path = field(default_factory=Path.cwd)
+    #: Where `outputs` came from: "local" (the local target's file), "cache" or "pulumi".
+    outputs_source: str = "pulumi"
+
+    @property
+    def is_local(self) -> bool:
+        return self.stack == LOCAL_STACK
+
+    def node(self, index: int = 0) -> contract.Node:
+        if not 0 <= index < len(self.outputs.nodes):
+            raise UsageError(
+                f"stack '{self.stack}' has {len(self.outputs.nodes)} node(s); "
+                f"node {index} does not exist (nodes are numbered from 0)"
+            )
+        return self.outputs.nodes[index]
+
+    def remote_path(self, *parts: str) -> str:
+        """An absolute path on the node under `remote_root`."""
+        return posixpath.join(self.outputs.remote_root, *parts)
+
+    def require_workdir(self) -> Path:
+        if self.workdir is None:
+            raise UsageError(
+                "no project to ship: pass --workdir PATH, set TRAINSTACK_WORKDIR, or set "
+                f"trainstack:workdir in Pulumi.{_short_name(self.stack)}.yaml"
+            )
+        return self.workdir
+
+    # --- files OpenSSH (ssh, rsync -e ssh) reads -------------------------------------------
+
+    def key_file(self) -> Path:
+        """The stack's private key as a 0600 file (rewritten only when it changed)."""
+        return _write_private(self.state_dir / PRIVATE_KEY, _with_newline(self.outputs.ssh_private_key))
+
+    def known_hosts_file(self) -> Path:
+        """A known_hosts holding only the pinned host key, one line per node."""
+        lines = []
+        for node in self.outputs.nodes:
+            lines.append(f"{known_hosts_name(node.host, node.port)} {self.outputs.ssh_host_public_key}\n")
+        return _write_private(self.state_dir / KNOWN_HOSTS, "".join(lines))
+
+    def refresh_outputs(self) -> bool:
+        """Re-read the outputs from their source of truth; True when they changed.
+
+        Called when a connection fails with cached outputs: the machine may have been
+        replaced (new address, new host key) since the cache was written.
+        """
+        if self.is_local:
+            fresh = read_local_outputs(self.project_dir)
+            source = "local"
+        else:
+            fresh = fetch_pulumi_outputs(self.stack, self.project_dir)
+            write_outputs_cache(self.state_dir, fresh)
+            source = "pulumi"
+        changed = dict(fresh.raw) != dict(self.outputs.raw)
+        self.outputs = fresh
+        self.outputs_source = source
+        return changed
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """OpenSSH's known_hosts spelling of a host: bare on port 22, `[host]:port` otherwise."""
+    return host if port == contract.SSH_PORT else f"[{host}]:{port}"
+
+
+def resolve_target(
+    stack: str | None = None,
+    workdir: str | None = None,
+    project_dir: Path | None = None,
+) -> Target:
+    project = (project_dir or find_project_dir(Path.cwd())).resolve()
+    stack_name = resolve_stack_name(stack, project)
+    config = read_stack_config(stack_name, project)
+    state_dir = stack_state_dir(project, stack_name)
+
+    if stack_name == LOCAL_STACK:
+        outputs, source = read_local_outputs(project), "local"
+    else:
+        cached = read_outputs_cache(state_dir, stack_name)
+        if cached is not None:
+            outputs, source = cached, "cache"
+        else:
+            outputs, source = fetch_pulumi_outputs(stack_name, project), "pulumi"
+            write_outputs_cache(state_dir, outputs)
+
+    results = _config_list(config.get(f"{contract.CONFIG_NAMESPACE}:results")) or outputs.results
+    command = config.get(f"{contract.CONFIG_NAMESPACE}:command")
+    return Target(
+        stack=stack_name,
+        outputs=outputs,
+        workdir=resolve_workdir(workdir, config, stack_name, project),
+        state_dir=state_dir,
+        results=tuple(results),
+        command=str(command) if isinstance(command, str) and command.strip() else None,
+        project_dir=project,
+        outputs_source=source,
+    )
+
+
+def find_project_dir(start: Path) -> Path:
+    """The nearest directory holding Pulumi.yaml (or tasks.py), else `start`."""
+    for directory in (start, *start.parents):
+        if (directory / "Pulumi.yaml").is_file() or (directory / "tasks.py").is_file():
+            return directory
+    return start
+
+
+def state_root(project_dir: Path) -> Path:
+    return project_dir / STATE_DIRNAME
+
+
+def stack_state_dir(project_dir: Path, stack: str) -> Path:
+    return state_root(project_dir) / "stacks" / stack.replace("/", "__")
+
+
+def resolve_stack_name(stack: str | None, project_dir: Path) -> str:
+    name = (stack or os.environ.get(ENV_STACK) or "").strip()
+    if not name:
+        name = selected_pulumi_stack(project_dir) or ""
+    if not name:
+        raise StackNotFound(
+            "no stack selected: pass --stack NAME (or --stack local for the local target), "
+            "set TRAINSTACK_STACK, or run `pulumi stack select NAME`"
+        )
+    if not _STACK_NAME.match(name) or ".." in name:
+        raise UsageError(f"invalid stack name {name!r}: use letters, digits, '-', '_' and '.'")
+    return name
+
+
+def selected_pulumi_stack(project_dir: Path) -> str | None:
+    if shutil.which("pulumi") is None:
+        return None
+    proc = _pulumi(["stack", "--show-name"], project_dir)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def read_stack_config(stack: str, project_dir: Path) -> dict[str, Any]:
+    """The `config:` mapping of Pulumi.<stack>.yaml ({} when the file does not exist)."""
+    path = stack_config_path(stack, project_dir)
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path} is not valid YAML ({first_line}): fix the file and retry") from None
+    config = document.get("config") if isinstance(document, dict) else None
+    return dict(config) if isinstance(config, dict) else {}
+
+
+def stack_config_path(stack: str, project_dir: Path) -> Path:
+    return project_dir / f"Pulumi.{_short_name(stack)}.yaml"
+
+
+def known_stacks(project_dir: Path) -> list[str]:
+    names = {p.name[len("Pulumi."):-len(".yaml")] for p in project_dir.glob("Pulumi.*.yaml")}
+    return sorted(names | {LOCAL_STACK})
+
+
+def resolve_workdir(
+    workdir: str | None, config: Mapping[str, Any], stack: str, project_dir: Path
+) -> Path | None:
+    given = workdir or os.environ.get(ENV_WORKDIR)
+    origin = "--workdir" if workdir else ENV_WORKDIR
+    if given:
+        path = Path(given).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+    else:
+        configured = config.get(f"{contract.CONFIG_NAMESPACE}:workdir")
+        if not isinstance(configured, str) or not configured.strip():
+            return None
+        origin = f"trainstack:workdir in {stack_config_path(stack, project_dir).name}"
+        path = Path(configured).expanduser()
+        path = path if path.is_absolute() else project_dir / path
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise UsageError(f"workdir {path} ({origin}) {what}: point it at your training project")
+    return path.resolve()
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def parse_outputs(stack: str, raw: Any, source: str) -> StackOutputs:
+    if not isinstance(raw, dict) or not raw:
+        raise OutputsMissing(
+            f"stack '{stack}' has no outputs yet: run `pulumi up --stack {stack}` first"
+        )
+    try:
+        return StackOutputs.parse(stack, raw)
+    except KeyError as exc:
+        raise OutputsMissing(
+            f"stack '{stack}' is missing the output {exc.args[0]!r} ({source}): "
+            f"run `pulumi up --stack {stack}` to complete it"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise OutputsMissing(f"stack '{stack}' has malformed outputs ({source}): {exc}") from None
+
+
+def fetch_pulumi_outputs(stack: str, project_dir: Path) -> StackOutputs:
+    if shutil.which("pulumi") is None:
+        if not stack_config_path(stack, project_dir).is_file():
+            raise _unknown_stack(stack, project_dir)
+        raise PulumiCliError(
+            f"cannot read the outputs of stack '{stack}': the pulumi CLI is not on PATH "
+            "(install it: https://www.pulumi.com/docs/install/) — or use --stack local"
+        )
+    proc = _pulumi(["stack", "output", "--json", "--show-secrets", "--stack", stack], project_dir)
+    if proc.returncode != 0:
+        message = " ".join(proc.stderr.split()) or f"exit code {proc.returncode}"
+        if "no stack named" in message or "not found" in message:
+            raise _unknown_stack(stack, project_dir)
+        raise PulumiCliError(f"`pulumi stack output --stack {stack}` failed: {message}")
+    try:
+        raw = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        raise PulumiCliError(f"`pulumi stack output --json --stack {stack}` printed no JSON") from None
+    return parse_outputs(stack, raw, "pulumi stack output")
+
+
+def _unknown_stack(stack: str, project_dir: Path) -> StackNotFound:
+    return StackNotFound(
+        f"unknown stack '{stack}' (stacks here: {', '.join(known_stacks(project_dir))}): "
+        f"create it with `pulumi stack init {stack}` or pass --stack NAME"
+    )
+
+
+def read_outputs_cache(state_dir: Path, stack: str) -> StackOutputs | None:
+    path = state_dir / OUTPUTS_CACHE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return StackOutputs.parse(stack, raw)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_outputs_cache(state_dir: Path, outputs: StackOutputs) -> None:
+    _write_private(state_dir / OUTPUTS_CACHE, json.dumps(dict(outputs.raw), indent=2, sort_keys=True))
+
+
+def read_local_outputs(project_dir: Path) -> StackOutputs:
+    from trainstack import local
+
+    path = local.outputs_path(project_dir)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OutputsMissing(
+            "the local target is not running: start it with `invoke local.up`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise OutputsMissing(f"cannot read {path} ({exc}): run `invoke local.up` again") from None
+    return parse_outputs(LOCAL_STACK, raw, str(path))
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _pulumi(args: list[str], project_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PULUMI_SKIP_UPDATE_CHECK": "true"}
+    try:
+        return subprocess.run(
+            ["pulumi", *args], cwd=project_dir, env=env, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        raise PulumiCliError(f"`pulumi {' '.join(args)}` did not answer within 120 s") from None
+
+
+def _short_name(stack: str) -> str:
+    return stack.rsplit("/", 1)[-1]
+
+
+def _config_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(part) for part in value if str(part).strip()]
+    return []
+
+
+def _with_newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _write_private(path: Path, content: str) -> Path:
+    """Write `content` to `path` with mode 0600, atomically; skip when unchanged."""
+    try:
+        if path.read_text(encoding="utf-8") == content and (path.stat().st_mode & 0o077) == 0:
+            return path
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(content)
+    os.replace(tmp, path)
+    return path
