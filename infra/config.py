@@ -1,0 +1,286 @@
+"""The experiment's settings (`trainstack:*` in Pulumi.<experiment>.yaml), validated before any
+resource is declared.
+
+Every key is declared with its type, description and default in Pulumi.yaml; `DEFAULTS` here
+repeats those defaults (a test keeps the two equal) because Pulumi applies the project's
+defaults only when the CLI runs the program, not under the unit-test mocks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import pulumi
+
+from infra import hardware
+from trainstack import contract
+
+NAMESPACE = contract.CONFIG_NAMESPACE
+
+INSTANCE_TYPE = "instanceType"
+NODES = "nodes"
+SPOT = "spot"
+ROOT_VOLUME_GB = "rootVolumeGb"
+AMI = "ami"
+SSH_ALLOWED_CIDRS = "sshAllowedCidrs"
+ALLOW_SSH_FROM_ANYWHERE = "allowSshFromAnywhere"
+SSH_PUBLIC_KEY = "sshPublicKey"
+IDLE_MINUTES = "idleMinutes"
+MAX_HOURS = "maxHours"
+WORKDIR = "workdir"
+COMMAND = "command"
+RESULTS = "results"
+ON_IDLE = "onIdle"
+PRICE_PER_HOUR = "pricePerHour"
+
+#: Defaults of Pulumi.yaml's config schema, by key without namespace. "" and 0 mean "not set".
+DEFAULTS: dict[str, Any] = {
+    INSTANCE_TYPE: "t3.micro",
+    NODES: 1,
+    SPOT: False,
+    ROOT_VOLUME_GB: 0,
+    AMI: "",
+    SSH_ALLOWED_CIDRS: [],
+    ALLOW_SSH_FROM_ANYWHERE: False,
+    SSH_PUBLIC_KEY: "",
+    IDLE_MINUTES: 0,
+    MAX_HOURS: "",
+    WORKDIR: ".",
+    COMMAND: "",
+    RESULTS: list(contract.DEFAULT_RESULTS),
+    ON_IDLE: "stop",
+    PRICE_PER_HOUR: "",
+}
+
+MAX_NODES = 64
+MIN_ROOT_VOLUME_GB = 8
+MAX_ROOT_VOLUME_GB = 16384  # gp3's limit
+ON_IDLE_CHOICES = ("stop", "terminate")
+SSH_PUBLIC_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+_AMI_RE = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
+_WORLD_OPEN = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+class ConfigError(pulumi.RunError, ValueError):
+    """A setting has a value the program cannot use. Pulumi prints it without a traceback."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = f"{NAMESPACE}:{key}"
+        super().__init__(f"{self.key} {message}")
+
+
+def full_key(key: str) -> str:
+    return f"{NAMESPACE}:{key}"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment's validated settings. Build it with `from_raw` or `load`."""
+
+    instance_type: str = DEFAULTS[INSTANCE_TYPE]
+    nodes: int = DEFAULTS[NODES]
+    spot: bool = DEFAULTS[SPOT]
+    #: None: the hardware's default (larger for GPU images).
+    root_volume_gb: int | None = None
+    #: None: chosen by hardware (see infra/images.py).
+    ami: str | None = None
+    ssh_allowed_cidrs: tuple[str, ...] = ()
+    allow_ssh_from_anywhere: bool = DEFAULTS[ALLOW_SSH_FROM_ANYWHERE]
+    #: None: a key pair is generated and its private half exported as a secret.
+    ssh_public_key: str | None = None
+    idle_minutes: int | None = None
+    max_hours: float | None = None
+    workdir: str = DEFAULTS[WORKDIR]
+    command: str = DEFAULTS[COMMAND]
+    results: tuple[str, ...] = contract.DEFAULT_RESULTS
+    on_idle: str = DEFAULTS[ON_IDLE]
+    price_per_hour: float | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def hardware(self) -> hardware.Hardware:
+        return hardware.classify(self.instance_type)
+
+    @property
+    def effective_root_volume_gb(self) -> int:
+        return self.root_volume_gb if self.root_volume_gb is not None else self.hardware.default_root_volume_gb
+
+    @property
+    def shutdown_behavior(self) -> str:
+        """What a power-off from inside the machine (the idle watchdog) does to it. A one-time
+        spot instance cannot be stopped, only terminated."""
+        return "terminate" if self.spot or self.on_idle == "terminate" else "stop"
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
+        """From config values by key (with or without the `trainstack:` prefix) as Pulumi hands
+        them over: strings, with arrays as JSON text; native values are accepted too. Missing
+        keys take the schema's defaults; unknown `trainstack:` keys are refused."""
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            namespace, _, name = key.rpartition(":")
+            if namespace and namespace != NAMESPACE:
+                continue
+            if name not in DEFAULTS:
+                raise ConfigError(name, f"is not a setting: use one of {', '.join(full_key(k) for k in DEFAULTS)}")
+            values[name] = value
+
+        def get(key: str, parse: Callable[[str, Any], Any]) -> Any:
+            return parse(key, values.get(key, DEFAULTS[key]))
+
+        return cls(
+            instance_type=get(INSTANCE_TYPE, _parse_str),
+            nodes=get(NODES, _parse_int),
+            spot=get(SPOT, _parse_bool),
+            root_volume_gb=get(ROOT_VOLUME_GB, _parse_int) or None,
+            ami=get(AMI, _parse_str).strip() or None,
+            ssh_allowed_cidrs=tuple(get(SSH_ALLOWED_CIDRS, _parse_str_list)),
+            allow_ssh_from_anywhere=get(ALLOW_SSH_FROM_ANYWHERE, _parse_bool),
+            ssh_public_key=get(SSH_PUBLIC_KEY, _parse_str).strip() or None,
+            idle_minutes=get(IDLE_MINUTES, _parse_int) or None,
+            max_hours=get(MAX_HOURS, _parse_optional_float) or None,
+            workdir=get(WORKDIR, _parse_str),
+            command=get(COMMAND, _parse_str),
+            results=tuple(get(RESULTS, _parse_str_list)),
+            on_idle=get(ON_IDLE, _parse_str),
+            price_per_hour=get(PRICE_PER_HOUR, _parse_optional_float),
+        )
+
+    @classmethod
+    def load(cls, config: pulumi.Config | None = None) -> "ExperimentConfig":
+        """From the stack's configuration (the running Pulumi program or the test mocks)."""
+        config = config or pulumi.Config(NAMESPACE)
+        raw = {}
+        for key in DEFAULTS:
+            value = config.get(key)
+            if value is not None:
+                raw[key] = value
+        return cls.from_raw(raw)
+
+
+def _parse_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (got {value!r})")
+    return value
+
+
+def _parse_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a whole number (got {value!r})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        return int(value)
+    raise ConfigError(key, f"must be a whole number (got {value!r})")
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(key, f"must be true or false (got {value!r})")
+
+
+def _parse_optional_float(key: str, value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(key, f"must be a number (got {value!r}), or empty for none")
+    return number
+
+
+def _parse_str_list(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError:
+            raise ConfigError(key, f"must be a list of strings (got {value!r})") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(key, f"must be a list of strings (got {value!r})")
+    return list(value)
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    if not hardware.is_instance_type(cfg.instance_type):
+        raise ConfigError(
+            INSTANCE_TYPE,
+            f"{cfg.instance_type!r} is not an EC2 instance type: use FAMILY.SIZE, like t3.micro, "
+            "c7g.large or g5.xlarge",
+        )
+    if not 1 <= cfg.nodes <= MAX_NODES:
+        raise ConfigError(NODES, f"must be between 1 and {MAX_NODES} (got {cfg.nodes})")
+    if cfg.root_volume_gb is not None and not MIN_ROOT_VOLUME_GB <= cfg.root_volume_gb <= MAX_ROOT_VOLUME_GB:
+        raise ConfigError(
+            ROOT_VOLUME_GB,
+            f"must be between {MIN_ROOT_VOLUME_GB} and {MAX_ROOT_VOLUME_GB} GB, or 0 for the default "
+            f"(got {cfg.root_volume_gb})",
+        )
+    if cfg.ami is not None and not _AMI_RE.match(cfg.ami):
+        raise ConfigError(AMI, f"{cfg.ami!r} is not an image id: use ami- and 8 or 17 hex digits, or leave it empty")
+    _validate_cidrs(cfg.ssh_allowed_cidrs, cfg.allow_ssh_from_anywhere)
+    if cfg.ssh_public_key is not None:
+        fields = cfg.ssh_public_key.split()
+        if "\n" in cfg.ssh_public_key or len(fields) < 2 or fields[0] not in SSH_PUBLIC_KEY_TYPES:
+            raise ConfigError(
+                SSH_PUBLIC_KEY,
+                "must be one OpenSSH public key line (the content of ~/.ssh/id_ed25519.pub), "
+                f"of type {', '.join(SSH_PUBLIC_KEY_TYPES)}; or empty to generate a key",
+            )
+    if cfg.idle_minutes is not None and cfg.idle_minutes < 1:
+        raise ConfigError(IDLE_MINUTES, f"must be a positive number of minutes, or 0 for never (got {cfg.idle_minutes})")
+    if cfg.max_hours is not None and not cfg.max_hours > 0:
+        raise ConfigError(MAX_HOURS, f"must be a positive number of hours, or empty for no limit (got {cfg.max_hours})")
+    if not cfg.workdir.strip():
+        raise ConfigError(WORKDIR, "must name the local directory to sync, like '.'")
+    for entry in cfg.results:
+        parts = entry.strip("/").split("/")
+        if not entry.strip() or entry.startswith("/") or ".." in parts or entry.startswith("~"):
+            raise ConfigError(RESULTS, f"entries must be paths inside the workdir, like 'results' (got {entry!r})")
+    if cfg.on_idle not in ON_IDLE_CHOICES:
+        raise ConfigError(ON_IDLE, f"must be one of {', '.join(ON_IDLE_CHOICES)} (got {cfg.on_idle!r})")
+    if cfg.price_per_hour is not None and cfg.price_per_hour < 0:
+        raise ConfigError(PRICE_PER_HOUR, f"must be a price in USD per hour, 0 or more (got {cfg.price_per_hour})")
+
+
+def _validate_cidrs(cidrs: tuple[str, ...], allow_anywhere: bool) -> None:
+    if not cidrs:
+        raise ConfigError(
+            SSH_ALLOWED_CIDRS,
+            "is empty: list the addresses allowed to SSH in, e.g. your own "
+            f"`pulumi config set --path '{full_key(SSH_ALLOWED_CIDRS)}[0]' 203.0.113.7/32`",
+        )
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(cidr.strip(), strict=True)
+        except ValueError:
+            raise ConfigError(
+                SSH_ALLOWED_CIDRS,
+                f"entry {cidr!r} is not a CIDR: use an address with its prefix length, like "
+                "203.0.113.7/32 or 2001:db8::1/128",
+            ) from None
+        if network in _WORLD_OPEN and not allow_anywhere:
+            raise ConfigError(
+                SSH_ALLOWED_CIDRS,
+                f"entry {cidr!r} opens SSH to the whole internet: list your own address instead, "
+                f"or set {full_key(ALLOW_SSH_FROM_ANYWHERE)}: true to allow it on purpose",
+            )

@@ -1,0 +1,52 @@
+"""The Pulumi program: one stack is one experiment. Read top to bottom: settings, machines,
+outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+
+from infra.config import ExperimentConfig
+from infra.images import AwsLookups, CloudLookups
+from infra.machine import ExperimentMachines
+from trainstack.contract import Outputs
+
+
+def experiment_outputs(
+    machines: ExperimentMachines, cfg: ExperimentConfig, lookups: CloudLookups, experiment: str
+) -> dict[str, pulumi.Input[Any]]:
+    """The stack outputs, by the names of the shared contract (plus `placement`, for people)."""
+    return {
+        Outputs.NODES: machines.nodes,
+        Outputs.SSH_USER: machines.ssh_user,
+        Outputs.SSH_PRIVATE_KEY: machines.ssh_private_key,
+        Outputs.SSH_HOST_PUBLIC_KEY: machines.ssh_host_public_key,
+        Outputs.REMOTE_ROOT: machines.remote_root,
+        Outputs.INSTANCE_TYPE: cfg.instance_type,
+        Outputs.REGION: lookups.region(),
+        Outputs.SPOT: cfg.spot,
+        Outputs.EXPERIMENT: experiment,
+        Outputs.RESULTS: list(cfg.results),
+        Outputs.IDLE_MINUTES: cfg.idle_minutes,
+        Outputs.MAX_HOURS: cfg.max_hours,
+        Outputs.PRICE_PER_HOUR: cfg.price_per_hour,
+        "placement": machines.placement,
+    }
+
+
+def main(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> dict[str, pulumi.Input[Any]]:
+    """Declares the experiment's machines and exports the outputs the laptop side reads.
+
+    Settings are validated first (ConfigError), so a bad value declares nothing.
+    """
+    cfg = cfg if cfg is not None else ExperimentConfig.load()
+    lookups = lookups if lookups is not None else AwsLookups()
+    experiment = pulumi.get_stack()
+
+    machines = ExperimentMachines("experiment", cfg, experiment=experiment, lookups=lookups)
+
+    outputs = experiment_outputs(machines, cfg, lookups, experiment)
+    for name, value in outputs.items():
+        pulumi.export(name, value)
+    return outputs
