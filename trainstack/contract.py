@@ -9,7 +9,10 @@ pins every name.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 PROJECT = "trainstack"
@@ -166,3 +169,44 @@ class StackOutputs:
             price_per_hour=raw.get(Outputs.PRICE_PER_HOUR),
             raw=dict(raw),
         )
+
+
+# --- hourly prices ------------------------------------------------------------------------
+# Here rather than in the laptop package because the Pulumi program needs them too (for the
+# price_per_hour output) and may import nothing else from trainstack.
+
+#: USD per instance-hour by region and instance type, naming its source and date.
+PRICES_FILE = Path(__file__).resolve().parent / "data" / "prices.json"
+
+
+@dataclass(frozen=True)
+class HourlyPrice:
+    usd: float
+    #: Where the figure comes from, for people reading it: "config", "on-demand",
+    #: "spot estimate" or "on-demand (no spot estimate)".
+    basis: str
+
+
+@lru_cache(maxsize=1)
+def price_table() -> Mapping[str, Any]:
+    return json.loads(PRICES_FILE.read_text(encoding="utf-8"))
+
+
+def hourly_price(
+    instance_type: str, region: str, spot: bool, override: float | None = None
+) -> HourlyPrice | None:
+    """The price of one instance-hour: the config override, else the table's figure.
+
+    A spot machine without a spot estimate is priced on-demand, the most it can cost.
+    None when neither the override nor the table knows the instance type in that region.
+    """
+    if override is not None:
+        return HourlyPrice(float(override), "config")
+    entry = price_table().get("regions", {}).get(region, {}).get(instance_type)
+    if not entry:
+        return None
+    if spot and entry.get("spot") is not None:
+        return HourlyPrice(float(entry["spot"]), "spot estimate")
+    if spot:
+        return HourlyPrice(float(entry["on_demand"]), "on-demand (no spot estimate)")
+    return HourlyPrice(float(entry["on_demand"]), "on-demand")
