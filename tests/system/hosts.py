@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -72,6 +73,10 @@ ROOT_ENV = {**CLOUD_INIT_ENV, "HOME": "/root", "USER": "root", "LOGNAME": "root"
 CLOUD_INIT_SCRIPTS = "/var/lib/cloud/instance/scripts"
 CLOUD_INIT_OUTPUT_LOG = "/var/log/cloud-init-output.log"
 
+#: Extra certificate authorities this machine trusts (a TLS-inspecting egress proxy's, say).
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
 SSH_PORT = 22
 FIRST_ADDRESS = 2  # 127.0.0.1 is this machine's own
 
@@ -106,6 +111,19 @@ def unavailable_reason() -> str | None:
     if probe.returncode != 0:
         return f"system tests need PID/mount/UTS namespaces (unshare failed: {probe.stderr.strip()})"
     return None
+
+
+def egress_trust() -> tuple[list[Path], dict[str, str]]:
+    """This machine's extra CA certificates, and the environment that points TLS clients at them.
+
+    Hosts share this machine's network, so where its egress re-signs TLS with a local CA, the
+    hosts must trust that CA as this machine does: the certificates go into the host's
+    /usr/local/share/ca-certificates (merged into the system bundle when the bootstrap installs
+    ca-certificates) and SSL_CERT_FILE into its environment, which tools with their own root
+    store (uv) read. On a machine without extra CAs nothing is added.
+    """
+    certificates = sorted(LOCAL_CA_DIR.rglob("*.crt")) if LOCAL_CA_DIR.is_dir() else []
+    return certificates, ({"SSL_CERT_FILE": SYSTEM_CA_BUNDLE} if certificates else {})
 
 
 # --- the root filesystem ----------------------------------------------------------------------
@@ -425,6 +443,15 @@ class Host:
         if resolv.is_symlink() or resolv.exists():
             resolv.unlink()
         shutil.copyfile("/etc/resolv.conf", resolv)
+        certificates, environment = egress_trust()
+        for certificate in certificates:
+            target = self.path("/usr/local/share/ca-certificates") / certificate.relative_to(LOCAL_CA_DIR)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(certificate, target)
+        if environment:
+            # Read by pam_env for every ssh session, so jobs started over ssh see it too.
+            with open(self.path("/etc/environment"), "a") as env_file:
+                env_file.writelines(f"{key}={value}\n" for key, value in environment.items())
 
     def teardown(self) -> None:
         """Kill every process of the host, unmount, remove its files. Idempotent."""
@@ -465,7 +492,7 @@ class Host:
         check: bool = True,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run argv as root inside the host; stdout and stderr together in .stdout."""
-        command = self._enter(argv, ROOT_ENV if env is None else env)
+        command = self._enter(argv, {**(ROOT_ENV if env is None else env), **egress_trust()[1]})
         process = subprocess.Popen(
             command, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -535,6 +562,60 @@ class Host:
         assert result is not None
         return result
 
+    # what a cloud image brings before user scripts run
+
+    def install_packages(self, packages: Sequence[str], *, timeout: float = 600) -> None:
+        """apt-get install, with no daemon started (there is no init system to own it)."""
+        self.sh(
+            "set -e; printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d; chmod 0755 /usr/sbin/policy-rc.d; "
+            "apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+            "--no-install-recommends " + " ".join(shlex.quote(p) for p in packages)
+            + "; rm -f /usr/sbin/policy-rc.d",
+            timeout=timeout,
+        )
+
+    def apply_cloud_config(
+        self, user_data_base64: str, *, default_user: str, key_pair_public_key: str | None = None
+    ) -> None:
+        """What cloud-init's early modules do with the user-data before any user script runs.
+
+        Emulated: the image's default user (created by cloud-init on Ubuntu AMIs) with the
+        instance's EC2 key pair, if any, and cloud-config `ssh_authorized_keys`; cc_ssh's
+        `ssh_deletekeys` and `ssh_keys`. Any other cloud-config key is refused, so a new
+        one cannot be silently ignored here.
+        """
+        import yaml
+
+        config: dict[str, object] = {}
+        for part in cloud_init_parts(user_data_base64):
+            if part.content_type == "text/cloud-config":
+                config.update(yaml.safe_load(part.body.decode()) or {})
+        unknown = set(config) - {"ssh_keys", "ssh_deletekeys", "ssh_authorized_keys"}
+        if unknown:
+            raise HostError(f"cloud-config keys not emulated by the test host: {sorted(unknown)}")
+        authorized = [key_pair_public_key] if key_pair_public_key else []
+        authorized += [str(key) for key in config.get("ssh_authorized_keys") or []]  # type: ignore[union-attr]
+        user = shlex.quote(default_user)
+        self.sh(
+            f"id -u {user} >/dev/null 2>&1 || useradd --create-home --shell /bin/bash {user}; "
+            f"usermod -p '*' {user}; home=$(getent passwd {user} | cut -d: -f6); "
+            f'install -d -m 0700 -o {user} -g {user} "$home/.ssh"; '
+            f'cat > "$home/.ssh/authorized_keys"; chown {user}: "$home/.ssh/authorized_keys"; '
+            f'chmod 0600 "$home/.ssh/authorized_keys"',
+            input="".join(f"{key.strip()}\n" for key in authorized).encode(),
+        )
+        ssh_dir = self.path("/etc/ssh")
+        if config.get("ssh_deletekeys"):
+            for old in ssh_dir.glob("ssh_host_*key*"):
+                old.unlink()
+        for name, value in dict(config.get("ssh_keys") or {}).items():  # type: ignore[call-overload]
+            key_type, _, half = str(name).rpartition("_")
+            if half not in ("private", "public") or not key_type:
+                raise HostError(f"cloud-config ssh_keys entry {name!r} is not <type>_private/_public")
+            path = ssh_dir / (f"ssh_host_{key_type}_key" + (".pub" if half == "public" else ""))
+            path.write_text(str(value) if str(value).endswith("\n") else f"{value}\n")
+            path.chmod(0o600 if half == "private" else 0o644)
+
     # sshd
 
     def start_sshd(self, *, timeout: float = 30) -> None:
@@ -549,7 +630,7 @@ class Host:
         self.run(["/usr/sbin/sshd", "-t", "-o", f"ListenAddress={self.address}"])
         log = open(self.workdir / "sshd.log", "ab")
         self._sshd = subprocess.Popen(
-            self._enter(["/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}"], ROOT_ENV),
+            self._enter(["/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}"], {**ROOT_ENV, **egress_trust()[1]}),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
