@@ -188,6 +188,10 @@ def render_cloud_config(inputs: BootstrapInputs) -> str | None:
         },
         # Only the pinned key: cloud-init generates no other host keys when ssh_keys is given.
         "ssh_deletekeys": True,
+        # The image's default user (ubuntu) takes the client key before any script runs, so
+        # the machine stays reachable, and its ready.json readable, even when the bootstrap
+        # fails before its own user step.
+        "ssh_authorized_keys": [inputs.authorized_public_key.strip()],
     }
     # JSON is valid YAML, and json.dumps quotes the key's newlines safely.
     return "#cloud-config\n" + json.dumps(config, indent=2, sort_keys=True) + "\n"
