@@ -10,13 +10,21 @@ import pulumi
 from infra.config import ExperimentConfig
 from infra.images import AwsLookups, CloudLookups
 from infra.machine import ExperimentMachines
+from trainstack import contract
 from trainstack.contract import Outputs
+
+
+def hourly_price(cfg: ExperimentConfig, region: str) -> float | None:
+    """USD per machine-hour: trainstack:pricePerHour, else the price table's figure."""
+    price = contract.hourly_price(cfg.instance_type, region, cfg.spot, cfg.price_per_hour)
+    return None if price is None else price.usd
 
 
 def experiment_outputs(
     machines: ExperimentMachines, cfg: ExperimentConfig, lookups: CloudLookups, experiment: str
 ) -> dict[str, pulumi.Input[Any]]:
     """The stack outputs, by the names of the shared contract (plus `placement`, for people)."""
+    region = pulumi.Output.from_input(lookups.region())
     return {
         Outputs.NODES: machines.nodes,
         Outputs.SSH_USER: machines.ssh_user,
@@ -24,13 +32,13 @@ def experiment_outputs(
         Outputs.SSH_HOST_PUBLIC_KEY: machines.ssh_host_public_key,
         Outputs.REMOTE_ROOT: machines.remote_root,
         Outputs.INSTANCE_TYPE: cfg.instance_type,
-        Outputs.REGION: lookups.region(),
+        Outputs.REGION: region,
         Outputs.SPOT: cfg.spot,
         Outputs.EXPERIMENT: experiment,
         Outputs.RESULTS: list(cfg.results),
         Outputs.IDLE_MINUTES: cfg.idle_minutes,
         Outputs.MAX_HOURS: cfg.max_hours,
-        Outputs.PRICE_PER_HOUR: cfg.price_per_hour,
+        Outputs.PRICE_PER_HOUR: region.apply(lambda name: hourly_price(cfg, name)),
         "placement": machines.placement,
     }
 

@@ -177,13 +177,14 @@ class StackOutputs:
 
 #: USD per instance-hour by region and instance type, naming its source and date.
 PRICES_FILE = Path(__file__).resolve().parent / "data" / "prices.json"
+PRICE_REFERENCE_REGION = "us-east-1"
 
 
 @dataclass(frozen=True)
 class HourlyPrice:
     usd: float
     #: Where the figure comes from, for people reading it: "config", "on-demand",
-    #: "spot estimate" or "on-demand (no spot estimate)".
+    #: "spot estimate", ... (with the region when another region's figure stands in).
     basis: str
 
 
@@ -202,11 +203,17 @@ def hourly_price(
     """
     if override is not None:
         return HourlyPrice(float(override), "config")
-    entry = price_table().get("regions", {}).get(region, {}).get(instance_type)
+    regions = price_table().get("regions", {})
+    where = ""
+    if region not in regions:
+        # Regional prices differ by some tens of percent: the reference region's figure,
+        # labelled as such, says more than no figure at all.
+        region, where = PRICE_REFERENCE_REGION, f" in {PRICE_REFERENCE_REGION}, none listed for {region}"
+    entry = regions.get(region, {}).get(instance_type)
     if not entry:
         return None
     if spot and entry.get("spot") is not None:
-        return HourlyPrice(float(entry["spot"]), "spot estimate")
+        return HourlyPrice(float(entry["spot"]), f"spot estimate{where}")
     if spot:
-        return HourlyPrice(float(entry["on_demand"]), "on-demand (no spot estimate)")
-    return HourlyPrice(float(entry["on_demand"]), "on-demand")
+        return HourlyPrice(float(entry["on_demand"]), f"on-demand, no spot estimate{where}")
+    return HourlyPrice(float(entry["on_demand"]), f"on-demand{where}")
