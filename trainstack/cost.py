@@ -31,7 +31,10 @@ def config_price_override(config: Mapping[str, Any]) -> float | None:
         return None
     if isinstance(raw, bool):
         raise ValueError(f"{CONFIG_PRICE_PER_HOUR} must be a number of USD per hour, not {raw!r}")
-    value = float(raw)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{CONFIG_PRICE_PER_HOUR} must be a number of USD per hour, not {raw!r}") from None
     if value < 0:
         raise ValueError(f"{CONFIG_PRICE_PER_HOUR} must be 0 or more (got {raw!r})")
     return value
