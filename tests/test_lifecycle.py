@@ -1,0 +1,274 @@
+"""An experiment's life on the laptop side: `new` writes the stack file, `up` and `down` call
+Pulumi through a recorder and check the machine (the local target, over real SSH) first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+import yaml
+
+from trainstack import contract, lifecycle
+from trainstack.errors import PulumiCliError, UsageError
+from trainstack.lifecycle import DestroyRefused, ExperimentSpec
+from trainstack.local import LocalTarget
+from trainstack.stack import OUTPUTS_CACHE, read_outputs_cache, resolve_target, stack_state_dir
+
+
+def no_lookup() -> str:
+    raise AssertionError("the public-address lookup must not run here")
+
+
+@pytest.fixture(autouse=True)
+def _no_caller_ip_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(lifecycle.ENV_CALLER_IP, raising=False)
+
+
+# --- new --------------------------------------------------------------------------------------
+
+
+def test_new_writes_a_stack_file_the_pulumi_program_accepts(project_dir: Path, monkeypatch) -> None:
+    from infra.config import ExperimentConfig
+
+    monkeypatch.setenv(lifecycle.ENV_CALLER_IP, "198.51.100.23")
+    spec = ExperimentSpec(instance_type="g5.xlarge", spot=True, workdir="code",
+                          command='python train.py --name "run #1" --lr 3e-4', idle_minutes=20, max_hours=6)
+    path = lifecycle.new_experiment("exp1", project_dir, spec, lifecycle.caller_cidr(lookup=no_lookup))
+
+    assert path == project_dir / "Pulumi.exp1.yaml"
+    config = yaml.safe_load(path.read_text())["config"]
+    assert config["trainstack:sshAllowedCidrs"] == ["198.51.100.23/32"]
+    assert config["trainstack:command"] == 'python train.py --name "run #1" --lr 3e-4'
+    assert config["trainstack:instanceType"] == "g5.xlarge"
+    assert config["trainstack:spot"] is True
+    assert config["trainstack:idleMinutes"] == 20
+    assert config["aws:region"] == "us-east-1"
+    # The Pulumi program validates the same file (it refuses unknown keys and bad values).
+    cfg = ExperimentConfig.from_raw({k: v for k, v in config.items() if k.startswith("trainstack:")})
+    assert cfg.ssh_allowed_cidrs == ("198.51.100.23/32",)
+    assert cfg.max_hours == 6
+    assert cfg.shutdown_behavior == "terminate"
+
+
+def test_new_asks_the_injected_lookup_for_the_callers_address(project_dir: Path) -> None:
+    asked = []
+
+    def lookup() -> str:
+        asked.append(1)
+        return "2001:db8::5\n"
+
+    cidr = lifecycle.caller_cidr(lookup=lookup)
+    lifecycle.new_experiment("v6", project_dir, ExperimentSpec(), cidr)
+    assert asked == [1]
+    assert yaml.safe_load((project_dir / "Pulumi.v6.yaml").read_text())["config"]["trainstack:sshAllowedCidrs"] == [
+        "2001:db8::5/128"
+    ]
+
+
+def test_new_refuses_to_overwrite(project_dir: Path) -> None:
+    existing = project_dir / "Pulumi.exp1.yaml"
+    existing.write_text("config: {}\n")
+    with pytest.raises(UsageError, match="exists already"):
+        lifecycle.new_experiment("exp1", project_dir, ExperimentSpec(), "198.51.100.23/32")
+    assert existing.read_text() == "config: {}\n"
+
+
+@pytest.mark.parametrize("name", ["local", "", "a b", "../exp", "-x", "exp/1", "x" * 101])
+def test_new_refuses_bad_names(project_dir: Path, name: str) -> None:
+    with pytest.raises(UsageError):
+        lifecycle.new_experiment(name, project_dir, ExperimentSpec(), "198.51.100.23/32")
+    assert list(project_dir.iterdir()) == []
+
+
+def test_new_refuses_a_bad_instance_type(project_dir: Path) -> None:
+    with pytest.raises(UsageError, match="not an EC2 instance type"):
+        lifecycle.new_experiment("exp1", project_dir, ExperimentSpec(instance_type="G5 XL"), "198.51.100.23/32")
+    assert list(project_dir.iterdir()) == []
+
+
+def test_failed_address_lookup_says_what_to_do() -> None:
+    def offline() -> str:
+        raise OSError("network is unreachable")
+
+    with pytest.raises(UsageError, match=r"pass --cidr"):
+        lifecycle.caller_cidr(lookup=offline)
+
+
+@pytest.mark.parametrize("answer", ["<html>rate limited</html>", "10.0.0.0/8", "0.0.0.0/0"])
+def test_implausible_address_is_refused(answer: str) -> None:
+    with pytest.raises(UsageError):
+        lifecycle.caller_cidr(lookup=lambda: answer)
+
+
+def test_explicit_cidr_wins_over_environment_and_lookup(monkeypatch) -> None:
+    monkeypatch.setenv(lifecycle.ENV_CALLER_IP, "198.51.100.23")
+    assert lifecycle.caller_cidr("203.0.113.0/28", lookup=no_lookup) == "203.0.113.0/28"
+    with pytest.raises(UsageError, match="whole internet"):
+        lifecycle.caller_cidr("0.0.0.0/0", lookup=no_lookup)
+
+
+# --- up -----------------------------------------------------------------------------------------
+
+
+class RecordingEngine:
+    """Stands in for Pulumi: records calls, answers `up` with given outputs."""
+
+    def __init__(self, outputs: Mapping[str, Any] | None = None) -> None:
+        self.outputs = dict(outputs or {})
+        self.calls: list[tuple[str, str]] = []
+
+    def up(self, stack: str, project_dir: Path, on_output) -> Mapping[str, Any]:
+        self.calls.append(("up", stack))
+        on_output("Resources: 7 created")
+        return self.outputs
+
+    def destroy(self, stack: str, project_dir: Path, on_output) -> None:
+        self.calls.append(("destroy", stack))
+
+
+def aws_like_outputs(local: LocalTarget, instance_type: str = "g5.xlarge") -> dict[str, Any]:
+    """The local target's outputs dressed as an EC2 stack's: same sshd, cloud-like metadata."""
+    raw = json.loads(local.outputs_file.read_text())
+    raw.update({
+        contract.Outputs.INSTANCE_TYPE: instance_type,
+        contract.Outputs.REGION: "us-east-1",
+        contract.Outputs.EXPERIMENT: "exp1",
+        contract.Outputs.PRICE_PER_HOUR: 1.006,
+    })
+    return raw
+
+
+def write_stack_file(project_dir: Path, name: str = "exp1", extra: str = "") -> Path:
+    path = project_dir / f"Pulumi.{name}.yaml"
+    path.write_text(
+        "config:\n"
+        "  aws:region: us-east-1\n"
+        "  trainstack:instanceType: g5.xlarge\n"
+        "  trainstack:sshAllowedCidrs:\n    - 198.51.100.23/32\n"
+        "  trainstack:idleMinutes: 30\n"
+        f"{extra}"
+    )
+    return path
+
+
+def test_up_prints_the_cost_then_caches_the_outputs(local_sshd: LocalTarget, project_dir: Path) -> None:
+    write_stack_file(project_dir)
+    engine = RecordingEngine(aws_like_outputs(local_sshd))
+    said: list[str] = []
+    outputs = lifecycle.up_experiment("exp1", project_dir, engine, said.append)
+
+    assert engine.calls == [("up", "exp1")]
+    assert said[0] == ("exp1: 1 × g5.xlarge, $1.01/h (on-demand, $1.006/h per machine); "
+                       "stops after 30 min idle")
+    assert "Resources: 7 created" in said
+    assert outputs.instance_type == "g5.xlarge"
+    cached = read_outputs_cache(stack_state_dir(project_dir, "exp1"), "exp1")
+    assert cached is not None and cached.head == outputs.head
+    # The other tasks now find the machine without asking Pulumi.
+    assert resolve_target("exp1", project_dir=project_dir).outputs_source == "cache"
+
+
+def test_up_without_a_stack_file_says_how_to_create_one(project_dir: Path) -> None:
+    engine = RecordingEngine()
+    with pytest.raises(UsageError, match="invoke new exp9"):
+        lifecycle.up_experiment("exp9", project_dir, engine, print)
+    assert engine.calls == []
+
+
+def test_real_engine_without_the_pulumi_cli_is_a_clear_error(project_dir: Path, monkeypatch) -> None:
+    write_stack_file(project_dir)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(PulumiCliError, match="pulumi CLI is not on PATH"):
+        lifecycle.up_experiment("exp1", project_dir, lifecycle.AutomationEngine(), lambda _: None)
+
+
+# --- down ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exp1(local_sshd: LocalTarget, project_dir: Path, workdir: Path):
+    """Stack 'exp1', up, whose machine is the local target's sshd."""
+    write_stack_file(project_dir, extra=f"  trainstack:workdir: {workdir}\n")
+    engine = RecordingEngine(aws_like_outputs(local_sshd))
+    lifecycle.up_experiment("exp1", project_dir, engine, lambda _: None)
+    engine.calls.clear()
+    return engine
+
+
+def start_sleeping_run(project_dir: Path, stack: str) -> str:
+    from trainstack.connection import Connection
+    from trainstack.runs import start_run
+
+    target = resolve_target(stack, project_dir=project_dir)
+    with Connection(target) as conn:
+        return start_run(conn, "sleep 300").run_id
+
+
+def stop_runs(project_dir: Path, stack: str) -> None:
+    from trainstack.connection import Connection
+    from trainstack.runs import active_runs, stop_run
+
+    target = resolve_target(stack, project_dir=project_dir)
+    with Connection(target) as conn:
+        for run in active_runs(conn):
+            stop_run(conn, run.run_id, grace=1)
+
+
+def test_down_refuses_while_a_run_is_active(exp1: RecordingEngine, project_dir: Path) -> None:
+    run_id = start_sleeping_run(project_dir, "exp1")
+    with pytest.raises(DestroyRefused, match=f"run {run_id} is still running on stack 'exp1'.*--force"):
+        lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
+    assert exp1.calls == []
+    assert (stack_state_dir(project_dir, "exp1") / OUTPUTS_CACHE).exists()
+
+    report = lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None, force=True)
+    assert report.destroyed and not report.checked
+    assert exp1.calls == [("destroy", "exp1")]
+    assert not (stack_state_dir(project_dir, "exp1") / OUTPUTS_CACHE).exists()
+
+
+def test_down_of_an_idle_machine_without_results_destroys(exp1: RecordingEngine, project_dir: Path) -> None:
+    run_id = start_sleeping_run(project_dir, "exp1")
+    stop_runs(project_dir, "exp1")
+    report = lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
+    assert report.destroyed and report.checked, run_id
+    assert exp1.calls == [("destroy", "exp1")]
+
+
+def test_down_refuses_when_the_machine_cannot_be_checked(exp1: RecordingEngine, project_dir: Path,
+                                                         local_sshd: LocalTarget) -> None:
+    local_sshd.stop_sshd()
+    with pytest.raises(DestroyRefused, match="cannot check stack 'exp1'.*pass --force"):
+        lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None, connect_timeout=2)
+    assert exp1.calls == []
+    lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None, force=True)
+    assert exp1.calls == [("destroy", "exp1")]
+
+
+def test_down_without_outputs_or_pulumi_cli_changes_nothing(project_dir: Path, monkeypatch) -> None:
+    # Created with `pulumi up` outside trainstack and nothing cached: only Pulumi knows the
+    # machine, and without its CLI nothing can be checked -- so nothing is destroyed.
+    write_stack_file(project_dir, name="exp2")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    engine = RecordingEngine()
+    with pytest.raises(PulumiCliError):
+        lifecycle.down_experiment("exp2", project_dir, engine=engine, notify=lambda _: None)
+    assert engine.calls == []
+
+
+def test_down_of_the_local_target_checks_it_the_same_way(local_target, project_dir: Path,
+                                                          local_sshd: LocalTarget) -> None:
+    engine = RecordingEngine()
+    run_id = start_sleeping_run(project_dir, "local")
+    with pytest.raises(DestroyRefused, match=f"run {run_id} is still running on stack 'local'"):
+        lifecycle.down_experiment("local", project_dir, engine=engine, notify=lambda _: None)
+    assert local_sshd.is_up()
+    stop_runs(project_dir, "local")
+    lifecycle.down_experiment("local", project_dir, engine=engine, notify=lambda _: None)
+    assert not local_sshd.is_up() and not local_sshd.root.exists()
+    assert engine.calls == []  # the local target is not a Pulumi stack

@@ -1,0 +1,390 @@
+"""An experiment's life: `new` writes its stack file, `up` creates its machines, `down`
+destroys them, but only when nothing would be lost.
+
+The Pulumi calls go through an `Engine` (Pulumi's Automation API by default), so the
+checks around them can be exercised without the pulumi CLI or a cloud account.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+from trainstack import contract
+from trainstack.contract import StackOutputs
+from trainstack.errors import (
+    OutputsMissing,
+    PulumiCliError,
+    TrainstackError,
+    UsageError,
+)
+from trainstack.stack import (
+    OUTPUTS_CACHE,
+    Target,
+    parse_outputs,
+    read_stack_config,
+    resolve_target,
+    stack_config_path,
+    stack_state_dir,
+    write_outputs_cache,
+)
+
+Notify = Callable[[str], None]
+
+ENV_CALLER_IP = "TRAINSTACK_CALLER_IP"
+#: Answers with the caller's public address as plain text; asked once, by `invoke new`.
+CALLER_IP_SERVICE = "https://checkip.amazonaws.com"
+CALLER_IP_TIMEOUT = 5.0
+
+_STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class DestroyRefused(TrainstackError):
+    """`down` would lose an active run or results that were never fetched."""
+
+
+# --- new ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    instance_type: str = "t3.micro"
+    spot: bool = False
+    nodes: int = 1
+    workdir: str = "."
+    command: str = ""
+    idle_minutes: int = 30
+    max_hours: float | None = None
+    region: str = "us-east-1"
+
+
+def lookup_public_ip(timeout: float = CALLER_IP_TIMEOUT) -> str:
+    """The caller's public address as the internet sees it (one HTTPS request)."""
+    from urllib.request import urlopen
+
+    with urlopen(CALLER_IP_SERVICE, timeout=timeout) as response:  # noqa: S310 - fixed https URL
+        return response.read(64).decode("ascii", "replace").strip()
+
+
+def caller_cidr(given: str | None = None, lookup: Callable[[], str] = lookup_public_ip) -> str:
+    """The single-address CIDR allowed to SSH in: `given`, else $TRAINSTACK_CALLER_IP, else
+    the caller's public address from `lookup`."""
+    origin = "--cidr"
+    value = given
+    if not value:
+        value, origin = os.environ.get(ENV_CALLER_IP, ""), ENV_CALLER_IP
+    if not value:
+        origin = CALLER_IP_SERVICE
+        try:
+            value = lookup()
+        except Exception as exc:  # noqa: BLE001 - any network failure means: ask the user
+            raise UsageError(
+                f"could not find your public address ({type(exc).__name__}: {exc}): "
+                "pass --cidr 203.0.113.7/32 with the address you SSH from"
+            ) from None
+    try:
+        network = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise UsageError(
+            f"{value.strip()!r} from {origin} is not an IP address: pass --cidr 203.0.113.7/32"
+        ) from None
+    if network.num_addresses > 1 and not given:
+        raise UsageError(f"{value.strip()!r} from {origin} is a network, not your address: pass --cidr")
+    if network.prefixlen == 0:
+        raise UsageError("refusing to open SSH to the whole internet: pass --cidr with your own address")
+    return str(network)
+
+
+def check_experiment_name(name: str) -> str:
+    if name == contract.LOCAL_STACK:
+        raise UsageError(f"'{name}' is the local target's name: choose another experiment name")
+    if not _STACK_NAME.match(name or ""):
+        raise UsageError(
+            f"invalid experiment name {name!r}: use letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit (at most 100 characters)"
+        )
+    return name
+
+
+def new_experiment(name: str, project_dir: Path, spec: ExperimentSpec, cidr: str) -> Path:
+    """Writes Pulumi.<name>.yaml; refuses to overwrite one. `cidr` comes from `caller_cidr`."""
+    check_experiment_name(name)
+    if not _INSTANCE_TYPE.match(spec.instance_type):
+        raise UsageError(
+            f"{spec.instance_type!r} is not an EC2 instance type: use FAMILY.SIZE, like t3.micro or g5.xlarge"
+        )
+    if spec.nodes < 1:
+        raise UsageError(f"--nodes must be 1 or more (got {spec.nodes})")
+    if spec.idle_minutes < 0:
+        raise UsageError(f"--idle-minutes must be 0 (never) or more (got {spec.idle_minutes})")
+    if spec.max_hours is not None and not spec.max_hours > 0:
+        raise UsageError(f"--max-hours must be more than 0 (got {spec.max_hours})")
+    path = stack_config_path(name, project_dir)
+    if path.exists():
+        raise UsageError(f"{path.name} exists already: edit it, or choose another name")
+    text = render_stack_file(name, spec, cidr)
+    # Exclusive create: a file appearing meanwhile is not overwritten either.
+    try:
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError:
+        raise UsageError(f"{path.name} exists already: edit it, or choose another name") from None
+    return path
+
+
+def render_stack_file(name: str, spec: ExperimentSpec, cidr: str) -> str:
+    # JSON strings are valid YAML scalars: quotes, colons and '#' in a command stay data.
+    def scalar(value: Any) -> str:
+        return json.dumps(value)
+
+    ns = contract.CONFIG_NAMESPACE
+    lines = [
+        f"# Experiment {name}: one stack, one experiment. `invoke up -s {name}` creates its machines,",
+        f"# `invoke down -s {name}` destroys them (after checking nothing would be lost).",
+        "config:",
+        f"  aws:region: {scalar(spec.region)}",
+        f"  {ns}:instanceType: {scalar(spec.instance_type)}",
+        f"  {ns}:nodes: {spec.nodes}",
+        f"  {ns}:spot: {'true' if spec.spot else 'false'}",
+        "  # Who may SSH in: the address this file was created from. Add more CIDRs as needed.",
+        f"  {ns}:sshAllowedCidrs:",
+        f"    - {scalar(cidr)}",
+        f"  {ns}:workdir: {scalar(spec.workdir)}",
+        f"  {ns}:command: {scalar(spec.command)}",
+        "  # The machine stops itself after this many minutes without a run or SSH session (0: never)",
+        f"  {ns}:idleMinutes: {spec.idle_minutes}",
+    ]
+    if spec.max_hours is not None:
+        lines.append("  # ... and this many hours after it started, even while busy.")
+        lines.append(f"  {ns}:maxHours: {scalar(f'{spec.max_hours:g}')}")
+    lines += [
+        f"  {ns}:results:",
+        *(f"    - {scalar(entry)}" for entry in contract.DEFAULT_RESULTS),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- Pulumi ---------------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    """Creates and destroys a stack's resources (the Pulumi program in the project)."""
+
+    def up(self, stack: str, project_dir: Path, on_output: Notify) -> Mapping[str, Any]:
+        """Returns the stack outputs, secrets in clear."""
+
+    def destroy(self, stack: str, project_dir: Path, on_output: Notify) -> None: ...
+
+
+class AutomationEngine:
+    """Pulumi's Automation API driving the pulumi CLI on the project's Pulumi.yaml."""
+
+    def _stack(self, stack: str, project_dir: Path, create: bool) -> Any:
+        if shutil.which("pulumi") is None:
+            raise PulumiCliError(
+                "the pulumi CLI is not on PATH: install it (https://www.pulumi.com/docs/install/) "
+                "— or use --stack local"
+            )
+        from pulumi import automation as auto
+
+        try:
+            if create:
+                return auto.create_or_select_stack(stack_name=stack, work_dir=str(project_dir))
+            return auto.select_stack(stack_name=stack, work_dir=str(project_dir))
+        except auto.errors.CommandError as exc:
+            raise PulumiCliError(f"cannot open stack '{stack}': {_last_line(str(exc))}") from None
+
+    def up(self, stack: str, project_dir: Path, on_output: Notify) -> Mapping[str, Any]:
+        from pulumi import automation as auto
+
+        handle = self._stack(stack, project_dir, create=True)
+        try:
+            result = handle.up(on_output=on_output)
+        except auto.errors.CommandError as exc:
+            raise PulumiCliError(f"`pulumi up` of stack '{stack}' failed: {_last_line(str(exc))}") from None
+        return {name: output.value for name, output in result.outputs.items()}
+
+    def destroy(self, stack: str, project_dir: Path, on_output: Notify) -> None:
+        from pulumi import automation as auto
+
+        handle = self._stack(stack, project_dir, create=False)
+        try:
+            handle.destroy(on_output=on_output)
+        except auto.errors.CommandError as exc:
+            raise PulumiCliError(f"`pulumi destroy` of stack '{stack}' failed: {_last_line(str(exc))}") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    meaningful = [line for line in lines if line.lower().startswith("error")]
+    return (meaningful or lines or ["no output"])[-1]
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify) -> StackOutputs:
+    """Creates (or updates) the stack's machines and caches their outputs for the other tasks."""
+    from trainstack.cost import summary_before_up
+
+    if stack == contract.LOCAL_STACK:
+        from trainstack import local
+
+        notify("local: a private sshd on 127.0.0.1, $0/h")
+        return local.up(project_dir)
+    path = stack_config_path(stack, project_dir)
+    if not path.is_file():
+        raise UsageError(f"no {path.name} in {project_dir}: create the experiment with `invoke new {stack}`")
+    config = read_stack_config(stack, project_dir)
+    try:
+        notify(summary_before_up(stack, config))
+    except ValueError as exc:
+        raise UsageError(f"{path.name}: {exc}") from None
+    raw = engine.up(stack, project_dir, notify)
+    outputs = parse_outputs(stack, dict(raw), "pulumi up")
+    write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
+    return outputs
+
+
+# --- down -----------------------------------------------------------------------------------
+
+
+#: Brings back a target's results (the fetch task); used by `down --fetch`.
+Fetcher = Callable[[Target], Any]
+#: Paths under the result dirs that differ from what the last fetch brought back.
+UnfetchedCheck = Callable[[Any, Target], list[str]]
+
+
+@dataclass(frozen=True)
+class DownReport:
+    destroyed: bool
+    fetched: bool = False
+    checked: bool = True
+
+
+def down_experiment(
+    stack: str,
+    project_dir: Path,
+    *,
+    engine: Engine,
+    notify: Notify,
+    force: bool = False,
+    fetch: bool = False,
+    fetcher: Fetcher | None = None,
+    unfetched: UnfetchedCheck | None = None,
+    connect_timeout: float = 10.0,
+) -> DownReport:
+    """Destroys the stack's machines after checking, on the machine itself, that no run is
+    active and every result file was fetched. `force` skips the checks; `fetch` fetches first."""
+    target = _target_if_up(stack, project_dir)
+    fetched = False
+    if target is not None and not force:
+        from trainstack.connection import Connection
+
+        check = unfetched or unfetched_results
+        try:
+            with Connection(target, retry_seconds=0, connect_timeout=connect_timeout) as conn:
+                _refuse_active_runs(conn, stack)
+                missing = check(conn, target)
+                if missing and fetch:
+                    if fetcher is None:
+                        raise UsageError("--fetch is not available here: fetch with `invoke fetch` first")
+                    notify(f"fetching {len(missing)} result file(s) before destroying '{stack}'")
+                    fetcher(target)
+                    fetched = True
+                    missing = check(conn, target)
+                if missing:
+                    raise DestroyRefused(_unfetched_message(stack, missing, fetched))
+        except (DestroyRefused, UsageError):
+            raise
+        except TrainstackError as exc:
+            raise DestroyRefused(
+                f"cannot check stack '{stack}' for an active run or unfetched results "
+                f"({' '.join(str(exc).split())}): start its machine, or pass --force to destroy it anyway"
+            ) from None
+    if stack == contract.LOCAL_STACK:
+        from trainstack import local
+
+        local.down(project_dir)
+    else:
+        engine.destroy(stack, project_dir, notify)
+    (stack_state_dir(project_dir, stack) / OUTPUTS_CACHE).unlink(missing_ok=True)
+    return DownReport(destroyed=True, fetched=fetched, checked=target is not None and not force)
+
+
+def _target_if_up(stack: str, project_dir: Path) -> Target | None:
+    """The stack's target, or None when it has no machines to check (never up, or gone)."""
+    try:
+        return resolve_target(stack, project_dir=project_dir)
+    except OutputsMissing:
+        return None
+    except UsageError:
+        # A bad workdir in the stack file must not block destroying its machines.
+        from trainstack.experiments import _cached_target
+
+        return _cached_target(stack, project_dir, read_stack_config(stack, project_dir))
+
+
+def _refuse_active_runs(conn: Any, stack: str) -> None:
+    from trainstack.autostop import snapshot
+
+    node = snapshot(conn)
+    if node.active_runs:
+        runs = ", ".join(node.active_runs)
+        raise DestroyRefused(
+            f"run {runs} is still running on stack '{stack}': wait for it (`invoke logs --follow`), "
+            f"stop it (`invoke stop`), or pass --force to destroy the machine anyway"
+        )
+
+
+def _unfetched_message(stack: str, missing: list[str], fetched: bool) -> str:
+    example = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if fetched:
+        return (f"{len(missing)} result file(s) on stack '{stack}' still differ from the fetched copy "
+                f"after fetching ({example}): check `invoke fetch`, or pass --force to lose them")
+    return (f"{len(missing)} result file(s) on stack '{stack}' were never fetched ({example}): "
+            f"pass --fetch to fetch them first, or --force to destroy them with the machine")
+
+
+# --- results not fetched yet --------------------------------------------------------------
+
+
+def remote_result_files(conn: Any, target: Target) -> dict[str, tuple[int, int]]:
+    """{path relative to the workdir: (size, mtime in whole seconds)} of every file in the
+    result dirs on node 0."""
+    workdir = target.remote_path(contract.Remote.WORKDIR)
+    dirs = " ".join(shlex.quote(entry.strip("/")) for entry in target.results if entry.strip("/"))
+    if not dirs:
+        return {}
+    script = (
+        f"cd {shlex.quote(workdir)} 2>/dev/null || exit 0; "
+        f"for d in {dirs}; do [ -d \"$d\" ] || continue; "
+        "find \"$d\" -type f -printf '%p\\t%s\\t%T@\\n'; done"
+    )
+    result = conn.run(script, timeout=60)
+    files: dict[str, tuple[int, int]] = {}
+    for line in result.stdout.splitlines():
+        path, _, rest = line.partition("\t")
+        size, _, mtime = rest.partition("\t")
+        if path and size.isdigit():
+            files[path] = (int(size), int(float(mtime or 0)))
+    return files
+
+
+def unfetched_results(conn: Any, target: Target) -> list[str]:
+    """Result files on the machine that the last fetch did not bring back as they are now."""
+    remote = remote_result_files(conn, target)
+    if not remote:
+        return []
+    from trainstack.fetch import last_fetched_files
+
+    fetched = last_fetched_files(target) or {}
+    return sorted(path for path, stat in remote.items() if fetched.get(path) != stat)
