@@ -65,7 +65,7 @@ def _row(stack: str, project_dir: Path, probe: Probe) -> ExperimentRow:
         config = read_stack_config(stack, project_dir)
     except TrainstackError as exc:
         return ExperimentRow(stack, f"bad config: {exc}", "")
-    target = _cached_target(stack, project_dir, config)
+    target = cached_target(stack, project_dir, config)
     if target is None:
         return ExperimentRow(stack, "not up" if stack != contract.LOCAL_STACK else "down",
                              _planned_machines(config) if stack != contract.LOCAL_STACK else "local")
@@ -96,7 +96,7 @@ def _row(stack: str, project_dir: Path, probe: Probe) -> ExperimentRow:
     )
 
 
-def _cached_target(stack: str, project_dir: Path, config: dict[str, Any]) -> Target | None:
+def cached_target(stack: str, project_dir: Path, config: dict[str, Any]) -> Target | None:
     """The stack's target from what the laptop already knows, or None when it knows nothing."""
     state_dir = stack_state_dir(project_dir, stack)
     if stack == contract.LOCAL_STACK:

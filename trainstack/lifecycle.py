@@ -328,9 +328,9 @@ def _target_if_up(stack: str, project_dir: Path) -> Target | None:
         return None
     except UsageError:
         # A bad workdir in the stack file must not block destroying its machines.
-        from trainstack.experiments import _cached_target
+        from trainstack.experiments import cached_target
 
-        return _cached_target(stack, project_dir, read_stack_config(stack, project_dir))
+        return cached_target(stack, project_dir, read_stack_config(stack, project_dir))
 
 
 def _refuse_active_runs(conn: Any, stack: str) -> None:
