@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, TypeVar
 
 import pulumi
 import pulumi_aws as aws
@@ -15,6 +15,8 @@ from trainstack import contract
 
 COMPONENT_TYPE = "trainstack:index:ExperimentMachines"
 
+R = TypeVar("R", bound=pulumi.Resource)
+
 
 def experiment_tags(experiment: str, owner: pulumi.Input[str]) -> pulumi.Output[dict[str, str]]:
     """The tags on every AWS resource of an experiment."""
@@ -25,6 +27,27 @@ def experiment_tags(experiment: str, owner: pulumi.Input[str]) -> pulumi.Output[
             contract.Tags.CREATED_BY: contract.Tags.CREATED_BY_VALUE,
             "Name": f"trainstack-{experiment}",
         }
+    )
+
+
+def bootstrap_inputs(
+    cfg: ExperimentConfig,
+    *,
+    authorized_public_key: str,
+    host_private_key_openssh: str,
+    host_public_key: str,
+) -> userdata.BootstrapInputs:
+    """The first-boot script's inputs for an experiment: what every machine of the stack gets,
+    and what a test host must get to boot like one."""
+    return userdata.BootstrapInputs(
+        authorized_public_key=authorized_public_key,
+        host_private_key_openssh=host_private_key_openssh,
+        host_public_key=host_public_key,
+        ssh_user=contract.DEFAULT_SSH_USER,
+        remote_root=contract.DEFAULT_REMOTE_ROOT,
+        idle_minutes=cfg.idle_minutes,
+        max_hours=cfg.max_hours,
+        gpu=cfg.hardware.gpu,
     )
 
 
@@ -50,6 +73,8 @@ class ExperimentMachines(pulumi.ComponentResource):
     ) -> None:
         super().__init__(COMPONENT_TYPE, name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
+        #: Every resource declared here, in declaration order.
+        self.declared: list[pulumi.Resource] = []
         hw = cfg.hardware
         tags = experiment_tags(experiment, lookups.caller_arn())
         self.ssh_user = contract.DEFAULT_SSH_USER
@@ -61,26 +86,28 @@ class ExperimentMachines(pulumi.ComponentResource):
             authorized_key: pulumi.Output[str] = pulumi.Output.from_input(cfg.ssh_public_key)
             self.ssh_private_key = pulumi.Output.secret("")
         else:
-            client_key = tls.PrivateKey(f"{name}-client-key", algorithm="ED25519", opts=child)
+            client_key = self._own(tls.PrivateKey(f"{name}-client-key", algorithm="ED25519", opts=child))
             authorized_key = client_key.public_key_openssh
             self.ssh_private_key = pulumi.Output.secret(client_key.private_key_openssh)
 
         # The machine's host key, generated here and installed by the first boot: the client
         # knows it before the first connection and never has to trust on first use.
-        host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child)
+        host_key = self._own(tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child))
         self.ssh_host_public_key = host_key.public_key_openssh.apply(lambda line: line.strip())
 
-        self.security_group = aws.ec2.SecurityGroup(
-            f"{name}-sg",
-            description=f"trainstack {experiment}: SSH from the configured addresses only",
-            tags=tags,
-            opts=child,
+        self.security_group = self._own(
+            aws.ec2.SecurityGroup(
+                f"{name}-sg",
+                description=f"trainstack {experiment}: SSH from the configured addresses only",
+                tags=tags,
+                opts=child,
+            )
         )
         sg_child = pulumi.ResourceOptions(parent=self.security_group)
         for index, cidr in enumerate(cfg.ssh_allowed_cidrs):
             network = ipaddress.ip_network(cidr.strip(), strict=True)
             family = {"cidr_ipv4": str(network)} if network.version == 4 else {"cidr_ipv6": str(network)}
-            aws.vpc.SecurityGroupIngressRule(
+            self._own(aws.vpc.SecurityGroupIngressRule(
                 f"{name}-ssh-{index}",
                 security_group_id=self.security_group.id,
                 description="SSH from a configured address",
@@ -90,10 +117,10 @@ class ExperimentMachines(pulumi.ComponentResource):
                 tags=tags,
                 opts=sg_child,
                 **family,
-            )
+            ))
         if cfg.nodes > 1:
             # Distributed training (NCCL, gloo, c10d rendezvous) uses many ports between nodes.
-            aws.vpc.SecurityGroupIngressRule(
+            self._own(aws.vpc.SecurityGroupIngressRule(
                 f"{name}-intra-cluster",
                 security_group_id=self.security_group.id,
                 description="all traffic between the nodes of this experiment",
@@ -101,10 +128,10 @@ class ExperimentMachines(pulumi.ComponentResource):
                 referenced_security_group_id=self.security_group.id,
                 tags=tags,
                 opts=sg_child,
-            )
+            ))
         # Outbound stays open: first boot installs packages, training downloads data and models.
         for label, family in (("ipv4", {"cidr_ipv4": "0.0.0.0/0"}), ("ipv6", {"cidr_ipv6": "::/0"})):
-            aws.vpc.SecurityGroupEgressRule(
+            self._own(aws.vpc.SecurityGroupEgressRule(
                 f"{name}-egress-{label}",
                 security_group_id=self.security_group.id,
                 description="all outbound",
@@ -112,15 +139,12 @@ class ExperimentMachines(pulumi.ComponentResource):
                 tags=tags,
                 opts=sg_child,
                 **family,
-            )
+            ))
 
         placement_group = None
         if cfg.nodes > 1 and hw.cluster_placement:
-            placement_group = aws.ec2.PlacementGroup(
-                f"{name}-cluster",
-                strategy="cluster",
-                tags=tags,
-                opts=child,
+            placement_group = self._own(
+                aws.ec2.PlacementGroup(f"{name}-cluster", strategy="cluster", tags=tags, opts=child)
             )
         if cfg.nodes == 1:
             self.placement = "none: one node"
@@ -139,15 +163,11 @@ class ExperimentMachines(pulumi.ComponentResource):
             host_key.public_key_openssh,
         ).apply(
             lambda keys: userdata.build_user_data(
-                userdata.BootstrapInputs(
+                bootstrap_inputs(
+                    cfg,
                     authorized_public_key=keys[0],
                     host_private_key_openssh=keys[1],
                     host_public_key=keys[2],
-                    ssh_user=self.ssh_user,
-                    remote_root=self.remote_root,
-                    idle_minutes=cfg.idle_minutes,
-                    max_hours=cfg.max_hours,
-                    gpu=hw.gpu,
                 )
             )
         )
@@ -191,7 +211,7 @@ class ExperimentMachines(pulumi.ComponentResource):
                 tags=node_tags,
                 opts=child,
             )
-            self.instances.append(instance)
+            self.instances.append(self._own(instance))
 
         self.nodes = pulumi.Output.all(
             *[
@@ -208,3 +228,7 @@ class ExperimentMachines(pulumi.ComponentResource):
                 contract.Outputs.SSH_HOST_PUBLIC_KEY: self.ssh_host_public_key,
             }
         )
+
+    def _own(self, resource: R) -> R:
+        self.declared.append(resource)
+        return resource

@@ -43,18 +43,21 @@ def experiment_outputs(
     }
 
 
-def main(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> dict[str, pulumi.Input[Any]]:
-    """Declares the experiment's machines and exports the outputs the laptop side reads.
+def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> tuple[ExperimentMachines, dict[str, pulumi.Input[Any]]]:
+    """Declares the experiment's machines; returns them and the stack outputs.
 
     Settings are validated first (ConfigError), so a bad value declares nothing.
     """
     cfg = cfg if cfg is not None else ExperimentConfig.load()
     lookups = lookups if lookups is not None else AwsLookups()
     experiment = pulumi.get_stack()
-
     machines = ExperimentMachines("experiment", cfg, experiment=experiment, lookups=lookups)
+    return machines, experiment_outputs(machines, cfg, lookups, experiment)
 
-    outputs = experiment_outputs(machines, cfg, lookups, experiment)
+
+def main(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> dict[str, pulumi.Input[Any]]:
+    """The program `pulumi up` runs: declare, then export the outputs the laptop side reads."""
+    _, outputs = declare(lookups, cfg)
     for name, value in outputs.items():
         pulumi.export(name, value)
     return outputs

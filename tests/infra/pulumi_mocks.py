@@ -41,14 +41,17 @@ class RecordingMocks(pulumi.runtime.Mocks):
     calls: list[pulumi.runtime.MockCallArgs] = field(default_factory=list)
     #: What each resource resolved to, by logical name (the generated keys, for instance).
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.resources.clear()
         self.calls.clear()
         self.outputs.clear()
+        self.ids.clear()
 
     def of_type(self, typ: str) -> list[pulumi.runtime.MockResourceArgs]:
-        return [r for r in self.resources if r.typ == typ]
+        """Resources of one type by logical name (registration order varies from run to run)."""
+        return sorted((r for r in self.resources if r.typ == typ), key=lambda r: r.name)
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.resources.append(args)
@@ -64,13 +67,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")
         self.outputs[args.name] = outputs
+        self.ids[args.name] = resource_id
         return resource_id, outputs
-
-    def instance_ids(self) -> list[str]:
-        return [instance_id(i + 1) for i, r in enumerate(self.resources) if r.typ == "aws:ec2/instance:Instance"]
-
-    def private_ips(self) -> list[str]:
-        return [f"10.0.0.{i + 1}" for i, r in enumerate(self.resources) if r.typ == "aws:ec2/instance:Instance"]
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
         self.calls.append(args)

@@ -37,9 +37,11 @@ def config(**overrides: Any) -> ExperimentConfig:
 
 
 def run(cfg: ExperimentConfig | None = None, lookups: images.CloudLookups | None = None) -> pulumi.Output[dict]:
-    """Runs the program; resolves once every output (and so every resource) is settled."""
-    outputs = program.main(lookups=lookups, cfg=cfg)
-    return pulumi.Output.all(**outputs)
+    """Declares the experiment; resolves to its outputs once every resource is registered (the
+    mocks see them in no fixed order)."""
+    machines, outputs = program.declare(lookups=lookups, cfg=cfg)
+    registered = pulumi.Output.all(*[resource.urn for resource in machines.declared])
+    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def ingress_cidrs(mocks: RecordingMocks) -> list[str]:
@@ -290,15 +292,20 @@ def test_users_own_public_key_replaces_the_generated_pair(mocks: RecordingMocks)
 
 
 @pulumi.runtime.test
-def test_every_contract_output_is_present(mocks: RecordingMocks):
+def test_every_contract_output_is_present_and_exported(mocks: RecordingMocks, monkeypatch: pytest.MonkeyPatch):
+    exported: dict[str, Any] = {}
+    monkeypatch.setattr(pulumi, "export", lambda name, value: exported.setdefault(name, value))
     outputs = program.main(cfg=config(idle_minutes=30, max_hours=4, price_per_hour=0.0104, results=("out",)))
     assert set(contract.Outputs.ALL) <= set(outputs)
+    assert exported == outputs
 
     def check(values: dict) -> None:
         parsed = contract.StackOutputs.parse(STACK, values)
-        (instance_id,) = mocks.instance_ids()
-        (private_ip,) = mocks.private_ips()
-        assert parsed.nodes == (contract.Node(host=private_ip.replace("10.0.0.", "198.51.100."), private_ip=private_ip, instance_id=instance_id),)
+        (instance,) = mocks.of_type(INSTANCE)
+        resolved = mocks.outputs[instance.name]
+        assert parsed.nodes == (
+            contract.Node(host=resolved["public_ip"], private_ip=resolved["private_ip"], instance_id=mocks.ids[instance.name]),
+        )
         assert parsed.ssh_user == "ubuntu"
         assert parsed.remote_root == contract.DEFAULT_REMOTE_ROOT
         assert parsed.ssh_host_public_key.startswith("ssh-ed25519 ")
@@ -345,8 +352,10 @@ def test_nodes_are_declared_in_rank_order_in_one_cluster_placement_group(mocks: 
         (group,) = mocks.of_type(PLACEMENT_GROUP)
         assert group.inputs["strategy"] == "cluster"
         assert {i.inputs["placementGroup"] for i in instances} == {mocks.outputs[group.name]["name"]}
-        assert [n["instance_id"] for n in outputs[contract.Outputs.NODES]] == mocks.instance_ids()
-        assert [n["private_ip"] for n in outputs[contract.Outputs.NODES]] == mocks.private_ips()
+        assert [n["instance_id"] for n in outputs[contract.Outputs.NODES]] == [mocks.ids[i.name] for i in instances]
+        assert [n["private_ip"] for n in outputs[contract.Outputs.NODES]] == [
+            mocks.outputs[i.name]["private_ip"] for i in instances
+        ]
         (intra,) = [r for r in mocks.of_type(INGRESS) if "referencedSecurityGroupId" in r.inputs]
         assert intra.inputs["ipProtocol"] == "-1"
         assert intra.inputs["referencedSecurityGroupId"] == intra.inputs["securityGroupId"]
