@@ -182,9 +182,11 @@ def render_cloud_config(inputs: BootstrapInputs) -> str | None:
     if not inputs.host_private_key_openssh:
         return None
     config = {
+        # Byte for byte what the script's own host-key step writes, so on EC2 that step finds
+        # the files in place.
         "ssh_keys": {
             "ed25519_private": inputs.host_private_key_openssh.strip() + "\n",
-            "ed25519_public": inputs.host_public_key.strip(),
+            "ed25519_public": inputs.host_public_key.strip() + "\n",
         },
         # Only the pinned key: cloud-init generates no other host keys when ssh_keys is given.
         "ssh_deletekeys": True,

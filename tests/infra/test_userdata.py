@@ -162,7 +162,7 @@ def test_cloud_config_pins_the_host_key_and_authorizes_the_client_before_sshd_st
         "ssh_authorized_keys": [inputs.authorized_public_key],
         "ssh_keys": {
             "ed25519_private": inputs.host_private_key_openssh.strip() + "\n",
-            "ed25519_public": inputs.host_public_key,
+            "ed25519_public": inputs.host_public_key + "\n",
         },
     }
 
