@@ -107,7 +107,7 @@ class ExperimentMachines(pulumi.ComponentResource):
         for index, cidr in enumerate(cfg.ssh_allowed_cidrs):
             network = ipaddress.ip_network(cidr.strip(), strict=True)
             family = {"cidr_ipv4": str(network)} if network.version == 4 else {"cidr_ipv6": str(network)}
-            self._own(aws.vpc.SecurityGroupIngressRule(
+            ssh_rule = aws.vpc.SecurityGroupIngressRule(
                 f"{name}-ssh-{index}",
                 security_group_id=self.security_group.id,
                 description="SSH from a configured address",
@@ -117,10 +117,11 @@ class ExperimentMachines(pulumi.ComponentResource):
                 tags=tags,
                 opts=sg_child,
                 **family,
-            ))
+            )
+            self._own(ssh_rule)
         if cfg.nodes > 1:
             # Distributed training (NCCL, gloo, c10d rendezvous) uses many ports between nodes.
-            self._own(aws.vpc.SecurityGroupIngressRule(
+            intra_rule = aws.vpc.SecurityGroupIngressRule(
                 f"{name}-intra-cluster",
                 security_group_id=self.security_group.id,
                 description="all traffic between the nodes of this experiment",
@@ -128,10 +129,11 @@ class ExperimentMachines(pulumi.ComponentResource):
                 referenced_security_group_id=self.security_group.id,
                 tags=tags,
                 opts=sg_child,
-            ))
+            )
+            self._own(intra_rule)
         # Outbound stays open: first boot installs packages, training downloads data and models.
         for label, family in (("ipv4", {"cidr_ipv4": "0.0.0.0/0"}), ("ipv6", {"cidr_ipv6": "::/0"})):
-            self._own(aws.vpc.SecurityGroupEgressRule(
+            egress_rule = aws.vpc.SecurityGroupEgressRule(
                 f"{name}-egress-{label}",
                 security_group_id=self.security_group.id,
                 description="all outbound",
@@ -139,7 +141,8 @@ class ExperimentMachines(pulumi.ComponentResource):
                 tags=tags,
                 opts=sg_child,
                 **family,
-            ))
+            )
+            self._own(egress_rule)
 
         placement_group = None
         if cfg.nodes > 1 and hw.cluster_placement:
