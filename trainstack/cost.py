@@ -140,3 +140,19 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "yes", "1", "on")
     return bool(value)
+
+
+def cost_line(outputs: StackOutputs, config: Mapping[str, Any], uptime_seconds: float) -> str:
+    """`$1.23 so far ($1.006/h on-demand × 1 machine × 1h 13m up)`, for `invoke status`."""
+    try:
+        price = stack_price(outputs, config)
+    except ValueError as exc:
+        return f"? ({exc})"
+    nodes = len(outputs.nodes)
+    up = format_duration(uptime_seconds)
+    if price is None:
+        return (f"? (no price for {outputs.instance_type or 'this instance type'}: set "
+                f"{CONFIG_PRICE_PER_HOUR}; up {up})")
+    spent = cost_so_far(price.usd, uptime_seconds, nodes)
+    return (f"{format_usd(spent)} so far ({format_rate(price)} {price.basis} × {nodes} "
+            f"machine{'s' if nodes != 1 else ''} × {up} up)")
