@@ -116,5 +116,5 @@ def test_probe_output_is_parsed() -> None:
 
 def test_cost_line_for_status() -> None:
     line = cost.cost_line(outputs(price_per_hour=1.006), {}, 2 * 3600 + 30 * 60)
-    assert line == "$2.51 so far ($1.006/h stack output × 1 machine × 2h 30m up)"
+    assert line == "$2.52 so far ($1.006/h stack output × 1 machine × 2h 30m up)"
     assert cost.cost_line(outputs(instance_type="x9.unknown"), {}, 60).startswith("? (no price for x9.unknown")
