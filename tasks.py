@@ -1,0 +1,236 @@
+"""trainstack's tasks: `invoke --list`. Each is a thin wrapper around `trainstack.*`.
+
+Every workflow task takes --stack/-s (default: $TRAINSTACK_STACK, else the Pulumi CLI's
+selected stack; `local` is the local target) and --workdir (the project to ship; default
+$TRAINSTACK_WORKDIR, else the stack's trainstack:workdir). Imports are lazy so that
+`invoke --list` stays fast and never loads Pulumi.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from invoke import Collection, task
+
+from trainstack.console import handle_errors, note, success
+
+STACK_HELP = "stack (experiment) to act on; default $TRAINSTACK_STACK or pulumi's selected stack; 'local' = local target"
+WORKDIR_HELP = "the project to ship; default $TRAINSTACK_WORKDIR or the stack's trainstack:workdir"
+COMMON_HELP = {"stack": STACK_HELP, "workdir": WORKDIR_HELP}
+
+
+def _target(stack: str | None, workdir: str | None):
+    from trainstack.stack import resolve_target
+
+    return resolve_target(stack, workdir)
+
+
+def _connection(target, node: int = 0):
+    from trainstack.connection import Connection
+
+    return Connection(target, node, notify=note)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _int_option(name: str, value: object) -> int | None:
+    from trainstack.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UsageError(f"--{name} takes a whole number, not {value!r}") from None
+
+
+@task(help={**COMMON_HELP, "timeout": "seconds to wait before giving up (default 900)"})
+@handle_errors
+def wait(c, stack=None, workdir=None, timeout=900):
+    """Wait until every node answers SSH and finished its first-boot setup."""
+    from trainstack.wait import wait_ready
+
+    target = _target(stack, workdir)
+    states = wait_ready(target, float(_int_option("timeout", timeout) or 0), notify=note)
+    success(f"stack '{target.stack}' is ready ({len(states)} node(s))")
+
+
+@task(help={**COMMON_HELP, "dry_run": "show what would change, change nothing"})
+@handle_errors
+def sync(c, stack=None, workdir=None, dry_run=False):
+    """Ship the project to the node (incremental; results dirs are never touched)."""
+    from trainstack.sync import sync as sync_project
+
+    target = _target(stack, workdir)
+    target.require_workdir()
+    with _connection(target) as conn:
+        sync_project(target, conn, dry_run=dry_run, console=_console())
+
+
+@task(
+    iterable=["env"],
+    help={
+        **COMMON_HELP,
+        "command": "the training command (default: the stack's trainstack:command)",
+        "sync": "sync the project first (--no-sync to skip)",
+        "follow": "stream the log until the run ends, then exit with its exit code",
+        "force": "start even while another run is active",
+        "env": "KEY=VALUE for the run's environment (repeatable)",
+    },
+)
+@handle_errors
+def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, force=False, env=None):
+    """Sync, install dependencies, and start a training run detached from this terminal."""
+    from trainstack import runs
+
+    target = _target(stack, workdir)
+    with _connection(target) as conn:
+        if sync:
+            from trainstack.sync import sync as sync_project
+
+            def sync_step(target, conn):
+                return sync_project(target, conn, console=_console())
+
+            runs_sync = sync_step
+        else:
+            runs_sync = None
+        run = runs.train(
+            target, conn, command=command, sync=runs_sync, force=force, env=env or (), notify=note
+        )
+        print(run.run_id, flush=True)
+        if follow:
+            code = runs.logs(conn, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
+            if code:
+                raise SystemExit(code)
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the latest run)",
+        "follow": "keep streaming until the run ends (default; --no-follow prints what is there)",
+        "tail": "start with the last N lines instead of the whole log",
+    }
+)
+@handle_errors
+def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None):
+    """Stream a run's log; exits with the run's exit code once it has ended."""
+    from trainstack import runs
+
+    target = _target(stack, workdir)
+    with _connection(target) as conn:
+        code = runs.logs(conn, run, follow=follow, tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note)
+    if code:
+        raise SystemExit(code)
+
+
+@task(help={**COMMON_HELP, "run": "run id (default: the active run)", "grace": "seconds between SIGTERM and SIGKILL"})
+@handle_errors
+def stop(c, stack=None, workdir=None, run=None, grace=10):
+    """Stop a run: SIGTERM to its process group, SIGKILL after the grace period."""
+    from trainstack import runs
+
+    target = _target(stack, workdir)
+    with _connection(target) as conn:
+        outcome = runs.stop_run(conn, run, grace=float(_int_option("grace", grace) or 0))
+    success(outcome.describe())
+
+
+@task(help=COMMON_HELP)
+@handle_errors
+def status(c, stack=None, workdir=None):
+    """Per node: reachable, bootstrap state, active run, last runs, GPUs, disk."""
+    from trainstack.status import show_status
+
+    target = _target(stack, workdir)
+    show_status(target)
+
+
+@task(help={**COMMON_HELP, "run": "run id (default: the latest run)"})
+@handle_errors
+def fetch(c, stack=None, workdir=None, run=None):
+    """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
+    from trainstack.fetch import fetch as fetch_run
+
+    target = _target(stack, workdir)
+    with _connection(target) as conn:
+        fetch_run(target, conn, run_id=run, console=_console())
+
+
+@task(help={**COMMON_HELP, "node": "node index (default 0, the head)"})
+@handle_errors
+def ssh(c, stack=None, workdir=None, node=0):
+    """Open a shell on a node, in the synced workdir."""
+    import os
+    import shlex
+
+    target = _target(stack, workdir)
+    conn = _connection(target, _int_option("node", node) or 0)
+    remote = f"cd {shlex.quote(target.remote_path('workdir'))} 2>/dev/null; exec \"${{SHELL:-bash}}\" -l"
+    argv = [*conn.ssh_argv(), *(["-t"] if sys.stdin.isatty() else []), conn.destination, remote]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)
+
+
+@task(name="ssh-config", help={**COMMON_HELP, "print_only": "print the Host entry instead of installing it"})
+@handle_errors
+def ssh_config(c, stack=None, workdir=None, print_only=False):
+    """Add a Host entry `trainstack-<stack>` to ~/.ssh/config (pinned host key, stack's key)."""
+    from trainstack import ssh_config as entries
+
+    target = _target(stack, workdir)
+    if print_only:
+        sys.stdout.write(entries.entries(target))
+        return
+    path = entries.install(target)
+    success(f"wrote {path}; connect with `ssh {entries.host_alias(target)}`")
+
+
+@task(name="up", help={"nodes": "number of nodes (default 1)"})
+@handle_errors
+def local_up(c, nodes=1):
+    """Start the local target: a real sshd on 127.0.0.1 playing a cloud machine (stack 'local')."""
+    from trainstack.local import LocalTarget
+    from trainstack.stack import find_project_dir
+
+    target = LocalTarget(find_project_dir(Path.cwd()))
+    outputs = target.up(_int_option("nodes", nodes) or 1)
+    node = outputs.head
+    success(f"local target up: {outputs.ssh_user}@{node.host}:{node.port}, remote root {outputs.remote_root}")
+    note("use it with --stack local (or TRAINSTACK_STACK=local); stop it with `invoke local.down`")
+
+
+@task(name="down")
+@handle_errors
+def local_down(c):
+    """Stop the local target's sshd and its runs, and remove it."""
+    from trainstack.local import LocalTarget
+    from trainstack.stack import find_project_dir
+
+    if LocalTarget(find_project_dir(Path.cwd())).down():
+        success("local target stopped and removed")
+    else:
+        note("the local target was not running")
+
+
+@task
+def demo(c):
+    """The whole workflow on the local target: up, sync, train, logs, fetch, down."""
+    script = Path(__file__).resolve().parent / "scripts" / "demo.sh"
+    result = c.run(f"{script}", env={"TRAINSTACK_PYTHON": sys.executable}, pty=False, warn=True)
+    if result is not None and result.exited:
+        raise SystemExit(result.exited)
+
+
+local = Collection("local")
+local.add_task(local_up)
+local.add_task(local_down)
+
+ns = Collection(wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, demo)
+ns.add_collection(local)

@@ -1,0 +1,44 @@
+"""The project's Python dependencies on a node: one venv per machine, rebuilt only on change.
+
+The node-side work is `trainstack-run deps`: it picks requirements.txt (else pyproject.toml) in
+the synced workdir, hashes it, and when the hash differs from the last successful install runs
+`uv pip install` into <remote_root>/venv with the uv cache in <remote_root>/cache/uv. The venv
+is created with --system-site-packages, so frameworks the image already ships (PyTorch, CUDA
+libraries on a Deep Learning AMI) are used as installed instead of downloaded again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from trainstack.errors import DependencyInstallFailed
+from trainstack.runs import runner_call
+
+if TYPE_CHECKING:
+    from trainstack.connection import Connection
+
+Notify = Callable[[str], None]
+
+MESSAGES = {
+    "none": "no requirements.txt or pyproject.toml: nothing to install",
+    "skipped": "dependencies unchanged since the last install: skipped",
+    "installed": "dependencies installed into the remote venv",
+}
+
+
+def install_dependencies(conn: "Connection", notify: Notify | None = None) -> str:
+    """Install requirements.txt / pyproject.toml into the node's venv; "none", "skipped" or "installed"."""
+    result = runner_call(conn, ["deps"])
+    if not result.ok:
+        lines = [line.strip() for line in result.stderr.strip().splitlines() if line.strip()]
+        errors = [line for line in lines if line.lower().startswith(("error", "×", "x ", "trainstack-run:"))]
+        detail = (errors or lines or [f"exit code {result.exit_code}"])[0]
+        raise DependencyInstallFailed(
+            f"installing the project's dependencies on {conn.describe()} failed: {detail} "
+            "(fix requirements.txt / pyproject.toml and run `invoke train` again)",
+            result,
+        )
+    outcome = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "none"
+    if notify is not None:
+        notify(MESSAGES.get(outcome, outcome))
+    return outcome

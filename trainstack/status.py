@@ -1,0 +1,83 @@
+"""`invoke status`: one table per node — reachable, bootstrap, runs, GPUs, disk."""
+
+from __future__ import annotations
+
+from trainstack.connection import Connection
+from trainstack.runs import NodeStatus, describe_exit, node_status
+from trainstack.stack import Target
+
+RECENT_RUNS = 5
+#: Status should answer quickly: an unreachable node is reported, not waited for.
+STATUS_RETRY_SECONDS = 10.0
+
+
+def collect(target: Target) -> list[NodeStatus]:
+    statuses = []
+    for index in range(len(target.outputs.nodes)):
+        with Connection(target, index, retry_seconds=STATUS_RETRY_SECONDS) as conn:
+            statuses.append(node_status(conn))
+    return statuses
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _size(kb: int | None) -> str:
+    return "-" if kb is None else f"{kb / 1024 / 1024:.1f} GiB"
+
+
+def show_status(target: Target) -> list[NodeStatus]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    outputs = target.outputs
+    header = f"stack [bold]{target.stack}[/]"
+    if outputs.instance_type:
+        header += f" · {outputs.instance_type}" + (" (spot)" if outputs.spot else "")
+    if outputs.region:
+        header += f" · {outputs.region}"
+    console.print(header)
+    statuses = collect(target)
+    for status in statuses:
+        if not status.reachable:
+            console.print(f"node {status.index} {status.address}: [red]unreachable[/] ({status.error})")
+            continue
+        facts = [
+            f"node {status.index} {status.address}: [green]reachable[/]",
+            f"bootstrap {status.bootstrap}",
+            f"up {_duration(status.uptime_seconds)}",
+            f"load {status.load or '-'}",
+            f"disk free {_size(status.disk_free_kb)} of {_size(status.disk_total_kb)}",
+        ]
+        console.print(" · ".join(facts))
+        for gpu in status.gpus or []:
+            parts = [part.strip() for part in gpu.split(",")]
+            if len(parts) == 5:
+                console.print(f"  GPU {parts[0]} {parts[1]}: {parts[2]}% busy, {parts[3]}/{parts[4]} MiB")
+            else:
+                console.print(f"  GPU {gpu}")
+        runs = status.runs or []
+        active = [run for run in runs if run.active]
+        if active:
+            for run in active:
+                console.print(
+                    f"  active run [bold]{run.run_id}[/] (pid {run.pid}, {run.state} for {_duration(run.uptime_seconds())})"
+                )
+        else:
+            console.print("  no active run")
+        if runs:
+            table = Table(show_edge=False, box=None, pad_edge=False)
+            for column in ("run", "state", "started", "took", "result"):
+                table.add_column(column)
+            for run in runs[-RECENT_RUNS:]:
+                result = "-" if run.active else describe_exit(run.exit_code)
+                table.add_row(run.run_id, run.state, run.started_at or "-", _duration(run.uptime_seconds()), result)
+            console.print(table)
+    return statuses
