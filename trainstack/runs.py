@@ -307,7 +307,11 @@ def _pump(conn: "Connection", channel: "paramiko.Channel", cursor: LogCursor, ou
                 quiet_since = time.monotonic()
                 continue
             if channel.exit_status_ready():
-                return channel.recv_exit_status(), b"".join(stderr).decode("utf-8", "replace")
+                status = channel.recv_exit_status()
+                if status == -1:
+                    # paramiko's "closed without an exit status": the connection died under us.
+                    raise _Dropped("channel closed without an exit status")
+                return status, b"".join(stderr).decode("utf-8", "replace")
             transport = channel.get_transport()
             if channel.closed or transport is None or not transport.is_active():
                 # Closed without an exit status: the connection died under us.
