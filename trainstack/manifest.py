@@ -1,0 +1,269 @@
+"""A manifest of the shipped tree: path, kind, size, mtime, mode and content hash.
+
+Two manifests drive sync. The *synced* manifest describes what the machine holds
+after the last successful sync; one copy is kept locally (per stack and node) and
+one on the machine beside the workdir. The *current* manifest describes the local
+tree now. Comparing them tells sync what changed without contacting the machine;
+comparing the two copies' digests (one short read) tells it whether the machine
+still holds what we last shipped.
+
+Hashing every file on every sync would cost as much as reading the tree. A hash
+cache keyed by (size, mtime, inode, ctime) makes it cheap: only files whose stat
+changed are read again. ctime is in the key because a program can restore a
+file's mtime after rewriting it, but not its ctime — that is how a same-size,
+same-mtime content change is still caught.
+
+On-disk format (JSON Lines, so the header can be read with `head -n 1`):
+    {"format": 1, "digest": "<sha256>", "files": N, "bytes": B}
+    ["path", "f"|"l", size, mtime_ns, mode, "<sha256 of content or link target>"]
+    ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+FORMAT = 1
+FILE = "f"
+SYMLINK = "l"
+_HASH = "sha256"
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # FILE or SYMLINK
+    size: int
+    mtime_ns: int
+    mode: int  # permission bits; 0 for symlinks
+    digest: str  # hash of the content (file) or of the link target (symlink)
+
+    def same_content(self, other: "Entry") -> bool:
+        return (self.kind, self.size, self.mode, self.digest) == (other.kind, other.size, other.mode, other.digest)
+
+    def looks_unchanged_to_rsync(self, other: "Entry") -> bool:
+        """rsync's quick check: same size and same mtime in whole seconds."""
+        return self.kind == other.kind and self.size == other.size and (
+            self.mtime_ns // 1_000_000_000 == other.mtime_ns // 1_000_000_000
+        )
+
+
+@dataclass
+class Manifest:
+    entries: dict[str, Entry] = field(default_factory=dict)
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the shipped content: paths, kinds, sizes, modes and hashes.
+
+        mtimes are left out on purpose: touching a file does not change what the
+        machine needs, so a touched tree still counts as already synced.
+        """
+        if self._digest is None:
+            h = hashlib.sha256()
+            for path in sorted(self.entries):
+                e = self.entries[path]
+                h.update(json.dumps([path, e.kind, e.size, e.mode, e.digest]).encode("ascii") + b"\n")
+            self._digest = h.hexdigest()
+        return self._digest
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def dumps(self) -> bytes:
+        header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes}
+        lines = [json.dumps(header)]
+        for path in sorted(self.entries):
+            e = self.entries[path]
+            lines.append(json.dumps([path, e.kind, e.size, e.mtime_ns, e.mode, e.digest]))
+        # json.dumps escapes non-ASCII (and undecodable bytes kept as surrogates), so
+        # the file is plain ASCII whatever the file names are.
+        return ("\n".join(lines) + "\n").encode("ascii")
+
+    @classmethod
+    def loads(cls, data: bytes) -> "Manifest":
+        """Parse a manifest; raises ValueError when it is damaged or of another format."""
+        lines = data.decode("ascii").splitlines()
+        if not lines:
+            raise ValueError("empty manifest")
+        header = json.loads(lines[0])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError("unknown manifest format")
+        entries = {}
+        for line in lines[1:]:
+            path, kind, size, mtime_ns, mode, digest = json.loads(line)
+            entries[path] = Entry(kind, int(size), int(mtime_ns), int(mode), str(digest))
+        manifest = cls(entries)
+        if manifest.digest != header.get("digest"):
+            raise ValueError("manifest digest does not match its entries")
+        return manifest
+
+    def write(self, path: Path) -> None:
+        _atomic_write(path, self.dumps())
+
+    @classmethod
+    def read(cls, path: Path) -> "Manifest | None":
+        """The manifest stored at `path`, or None when it is missing or damaged."""
+        try:
+            return cls.loads(path.read_bytes())
+        except (OSError, ValueError, TypeError, UnicodeDecodeError):
+            return None
+
+
+def header_digest(line: bytes | str) -> str | None:
+    """The digest from a manifest's first line (as printed by `head -n 1`), or None."""
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(header, dict) and header.get("format") == FORMAT and isinstance(header.get("digest"), str):
+        return header["digest"]
+    return None
+
+
+@dataclass(frozen=True)
+class Diff:
+    """What it takes to turn the `base` tree into the `current` one."""
+
+    #: New or changed paths (content, mode or mtime): the files rsync must look at.
+    changed: tuple[str, ...]
+    #: Paths in base that are gone from current: deleted on the machine.
+    removed: tuple[str, ...]
+    #: Changed content that rsync's quick check (size + mtime) would miss.
+    forced: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changed or self.removed)
+
+
+def diff(current: Manifest, base: Manifest) -> Diff:
+    changed, forced = [], []
+    for path, entry in current.entries.items():
+        old = base.entries.get(path)
+        if old is None:
+            changed.append(path)
+        elif not entry.same_content(old):
+            changed.append(path)
+            if entry.looks_unchanged_to_rsync(old):
+                forced.append(path)
+        elif entry.mtime_ns != old.mtime_ns:
+            changed.append(path)
+    removed = [p for p in base.entries if p not in current.entries]
+    return Diff(tuple(sorted(changed)), tuple(sorted(removed)), tuple(sorted(forced)))
+
+
+# --- scanning with a hash cache -------------------------------------------------------------
+
+
+class HashCache:
+    """Content hashes of a tree, valid while a file's (size, mtime, inode, ctime) is unchanged."""
+
+    def __init__(self, path: Path | None, root: Path) -> None:
+        self.path = path
+        self.root = str(Path(root).resolve())
+        self._entries: dict[str, list[int | str]] = {}
+        self._dirty = False
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict) and data.get("format") == FORMAT and data.get("root") == self.root:
+            entries = data.get("entries")
+            if isinstance(entries, dict):
+                self._entries = entries
+
+    def lookup(self, rel: str, st: os.stat_result) -> str | None:
+        cached = self._entries.get(rel)
+        if cached is not None and cached[:4] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]:
+            return str(cached[4])
+        return None
+
+    def store(self, rel: str, st: os.stat_result, digest: str) -> None:
+        self._entries[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest]
+        self._dirty = True
+
+    def retain(self, paths: Iterable[str]) -> None:
+        keep = set(paths)
+        if any(p not in keep for p in self._entries):
+            self._entries = {p: v for p, v in self._entries.items() if p in keep}
+            self._dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        data = {"format": FORMAT, "root": self.root, "entries": self._entries}
+        _atomic_write(self.path, json.dumps(data, separators=(",", ":")).encode("ascii"))
+        self._dirty = False
+
+
+@dataclass
+class ScanStats:
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+
+
+def scan(root: Path, paths: Sequence[str], cache: HashCache | None = None) -> tuple[Manifest, ScanStats]:
+    """The manifest of `paths` under `root`, reading only files the cache cannot vouch for.
+
+    Paths that vanished or turned into something other than a file or symlink since
+    they were selected are left out (the next sync will see the tree as it is then).
+    """
+    cache = cache if cache is not None else HashCache(None, root)
+    stats = ScanStats()
+    entries: dict[str, Entry] = {}
+    base = os.fspath(root)
+    for rel in paths:
+        full = os.path.join(base, rel)
+        try:
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                kind, mode = SYMLINK, 0
+            elif stat.S_ISREG(st.st_mode):
+                kind, mode = FILE, stat.S_IMODE(st.st_mode)
+            else:
+                continue
+            digest = cache.lookup(rel, st)
+            if digest is None:
+                digest = _hash_link(full) if kind == SYMLINK else _hash_file(full)
+                cache.store(rel, st, digest)
+                stats.hashed_files += 1
+                stats.hashed_bytes += st.st_size
+        except FileNotFoundError:
+            continue
+        entries[rel] = Entry(kind, st.st_size, st.st_mtime_ns, mode, digest)
+    cache.retain(entries)
+    return Manifest(entries), stats
+
+
+def _hash_file(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, _HASH).hexdigest()
+
+
+def _hash_link(path: str) -> str:
+    return hashlib.new(_HASH, os.fsencode(os.readlink(path))).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
