@@ -54,6 +54,8 @@ class Target:
     project_dir: Path = field(default_factory=Path.cwd)
     #: Where `outputs` came from: "local" (the local target's file), "cache" or "pulumi".
     outputs_source: str = "pulumi"
+    #: The `config:` mapping of Pulumi.<stack>.yaml ({} when there is none).
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_local(self) -> bool:
@@ -147,6 +149,7 @@ def resolve_target(
         command=str(command) if isinstance(command, str) and command.strip() else None,
         project_dir=project,
         outputs_source=source,
+        config=config,
     )
 
 
