@@ -8,9 +8,15 @@ the Pulumi program calls, so what runs in the host is byte for byte what an inst
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -53,16 +59,34 @@ class MachineKeys:
         return cls(client=KeyPair.generate(), host=KeyPair.generate())
 
 
-def bootstrap_inputs(keys: MachineKeys, **overrides: Any) -> Any:
-    """The renderer's inputs for these keys, defaults as the Pulumi program leaves them."""
+#: The example experiment whose settings the test machines are given, as `pulumi up -s dev` would.
+EXAMPLE_STACK_FILE = Path(__file__).resolve().parents[2] / "Pulumi.dev.yaml"
+
+
+def example_config() -> dict[str, Any]:
+    """The `config:` of the example stack file, as Pulumi hands it to the program."""
+    document = yaml.safe_load(EXAMPLE_STACK_FILE.read_text())
+    return {key: value for key, value in document["config"].items() if key.startswith(f"{contract.CONFIG_NAMESPACE}:")}
+
+
+def bootstrap_inputs(keys: MachineKeys, config: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
+    """The renderer's inputs for these keys and an experiment's config, as infra/machine.py builds them."""
+    from infra.config import ExperimentConfig
     from infra.userdata import BootstrapInputs
 
-    return BootstrapInputs(
+    cfg = ExperimentConfig.from_raw(example_config() if config is None else config)
+    values: dict[str, Any] = dict(
         authorized_public_key=keys.client.public_key_openssh,
         host_private_key_openssh=keys.host.private_key_openssh,
         host_public_key=keys.host.public_key_openssh,
-        **overrides,
+        ssh_user=contract.DEFAULT_SSH_USER,
+        remote_root=contract.DEFAULT_REMOTE_ROOT,
+        idle_minutes=cfg.idle_minutes,
+        max_hours=cfg.max_hours,
+        gpu=cfg.hardware.gpu,
     )
+    values.update(overrides)
+    return BootstrapInputs(**values)
 
 
 def user_data_for(inputs: Any) -> str:
@@ -119,3 +143,74 @@ def boot(host: Host, keys: MachineKeys, **overrides: Any) -> Machine:
     result = host.run_user_data(user_data_for(inputs))
     machine = Machine(host=host, keys=keys, inputs=inputs, first_boot=result)
     return machine
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Experiment:
+    """The laptop side of one experiment: a project directory as a user has it.
+
+    It holds Pulumi.yaml, the stack file `Pulumi.<stack>.yaml` and the outputs trainstack cached
+    after reading them from Pulumi (`.trainstack/stacks/<stack>/outputs.json`), so the tasks
+    find this machine exactly as they would find an instance after `pulumi up`. Tasks run as
+    the user types them: `invoke <task> --stack <stack>` in this directory.
+    """
+
+    project: Path
+    stack: str
+    machine: Machine
+    workdir_name: str = "code"
+
+    @classmethod
+    def create(cls, project: Path, stack: str, machine: Machine, *, workdir: str = "code",
+               command: str = "python train.py") -> "Experiment":
+        from trainstack.stack import stack_config_path, stack_state_dir, write_outputs_cache
+
+        project.mkdir(parents=True, exist_ok=True)
+        (project / workdir).mkdir(exist_ok=True)
+        (project / "Pulumi.yaml").write_text((REPO / "Pulumi.yaml").read_text())
+        config = {
+            f"{contract.CONFIG_NAMESPACE}:workdir": workdir,
+            f"{contract.CONFIG_NAMESPACE}:command": command,
+            f"{contract.CONFIG_NAMESPACE}:results": list(contract.DEFAULT_RESULTS),
+        }
+        stack_config_path(stack, project).write_text(yaml.safe_dump({"config": config}))
+        outputs = contract.StackOutputs.parse(stack, machine.outputs(stack))
+        write_outputs_cache(stack_state_dir(project, stack), outputs)
+        return cls(project=project, stack=stack, machine=machine, workdir_name=workdir)
+
+    @property
+    def workdir(self) -> Path:
+        return self.project / self.workdir_name
+
+    def invoke(self, task: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """`invoke <task> --stack <stack> <args>` in the project, with this repository's tasks."""
+        return invoke_task(self.project, task, "--stack", self.stack, *args, timeout=timeout)
+
+
+def invoke_task(
+    project: Path, task: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Run `invoke <task> <args>` in project with this repository's tasks.py, as a user would."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TRAINSTACK_")}
+    environment.update(env or {})
+    argv = [str(Path(sys.executable).with_name("invoke")), "--search-root", str(REPO), task, *args]
+    try:
+        return subprocess.run(
+            argv, cwd=project, env=environment, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        def text(value: object) -> str:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+        raise AssertionError(
+            f"`invoke {task} {' '.join(args)}` still running after {timeout:.0f} s\n"
+            f"stdout: {text(exc.stdout)[-2000:]}\nstderr: {text(exc.stderr)[-2000:]}"
+        ) from None
+
+    def target(self) -> Any:
+        from trainstack.stack import resolve_target
+
+        return resolve_target(self.stack, project_dir=self.project)

@@ -15,7 +15,7 @@ import pytest
 from trainstack import contract
 
 from .hosts import HostPool
-from .machine import KeyPair, Machine, MachineKeys, bootstrap_inputs, user_data_for
+from .machine import Experiment, KeyPair, Machine, MachineKeys, bootstrap_inputs, user_data_for
 
 pytestmark = pytest.mark.system
 
@@ -24,8 +24,8 @@ BOOTSTRAP_STATE = (
     "/etc/ssh", "/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow",
     "/opt/trainstack", "/usr/sbin/policy-rc.d", "/home/ubuntu",
 )
-# Rewritten by every run on purpose: the verdict and its log.
-PER_RUN = (contract.Remote.READY, contract.Remote.BOOTSTRAP_LOG)
+# Rewritten on purpose: the verdict and log of every run, and the running watchdog's state.
+PER_RUN = (contract.Remote.READY, contract.Remote.BOOTSTRAP_LOG, contract.Remote.WATCHDOG_STATE, "watchdog.log")
 
 
 def host_key(line: str) -> paramiko.PKey:
@@ -170,11 +170,19 @@ def test_a_second_run_succeeds_and_changes_nothing(machine: Machine) -> None:
         assert run_over_ssh(client, "true") == (0, "")
 
 
-def test_a_failing_first_boot_reports_the_failed_step(host_pool: HostPool) -> None:
+def test_a_failing_first_boot_is_reported_and_wait_fails_at_once(host_pool: HostPool, tmp_path: Path) -> None:
     host = host_pool.create("broken")
     keys = MachineKeys.generate()
     inputs = bootstrap_inputs(keys, extra_packages=("trainstack-no-such-package",))
-    result = host.run_user_data(user_data_for(inputs))
+    user_data = user_data_for(inputs)
+    # A cloud image before its user scripts run: sshd installed and started, cloud-init's default
+    # user and the pinned host key from the user-data's cloud-config. Without them a machine
+    # whose bootstrap fails early could not even tell the client why.
+    host.install_packages(["openssh-server"])
+    host.apply_cloud_config(user_data, default_user=inputs.ssh_user)
+    host.start_sshd()
+
+    result = host.run_user_data(user_data)
 
     assert result.returncode != 0
     assert result.stdout.decode().strip() == (
@@ -184,3 +192,12 @@ def test_a_failing_first_boot_reports_the_failed_step(host_pool: HostPool) -> No
     assert (ready["status"], ready["failed_step"]) == (contract.ReadyStatus.FAILED, "packages")
     log = host.read_text(f"{inputs.remote_root}/{contract.Remote.BOOTSTRAP_LOG}")
     assert "Unable to locate package trainstack-no-such-package" in log
+
+    # The client stops waiting at once (long before its own timeout) and shows why.
+    machine = Machine(host=host, keys=keys, inputs=inputs, first_boot=result)
+    experiment = Experiment.create(tmp_path / "experiment", "broken", machine)
+    waited = experiment.invoke("wait", "--timeout", "900", timeout=240)
+    assert waited.returncode != 0
+    assert "first-boot setup of node 0 failed" in waited.stderr
+    assert "Unable to locate package trainstack-no-such-package" in waited.stderr
+    assert "Traceback" not in waited.stderr
