@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"training: {args.samples} samples, {args.features} features, {args.epochs} epochs", flush=True)
-    loss = float("nan")
+    loss = float(np.mean((x @ w - y) ** 2))
     for epoch in range(start_epoch + 1, args.epochs + 1):
         order = rng.permutation(args.samples)
         for begin in range(0, args.samples, args.batch):
