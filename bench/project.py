@@ -148,12 +148,16 @@ class Project:
             "",
         ]))
         self._write("README.md", "# bench-project\n\nA generated training project.\n")
-        self._write("requirements.txt", "# the image provides numpy; nothing to download\nnumpy\n")
+        # One small pure-Python wheel: the first install is quick, later trains skip it.
+        self._write("requirements.txt", "packaging>=23\n")
         self._write("train.py", (
             "import pathlib\nimport time\n\n"
             "pathlib.Path('results').mkdir(exist_ok=True)\n"
             "print('training started', time.time(), flush=True)\n"
         ))
+        # The jobs the benchmark starts with `invoke train`.
+        self._write("scripts/write_results.py", _WRITE_RESULTS)
+        self._write("scripts/emit_lines.py", _EMIT_LINES)
         self._write("configs/base.yaml", "lr: 0.001\nbatch_size: 64\nepochs: 10\n")
         self._write("configs/experiment one.yaml", "lr: 0.0003\n")  # a space in the name
         self._write("configs/données.yaml", "lang: fr\n")  # a non-ASCII name
@@ -354,3 +358,41 @@ def _python_module(rng: random.Random, index: int, short: bool = False) -> str:
             lines.append(f"    total += math.sqrt(abs(hash(({a!r}, {b!r}, {step})))) % {rng.randint(2, 97)}")
         lines.append("    return total")
     return "\n".join(lines) + "\n"
+
+
+_WRITE_RESULTS = '''"""Writes MIB MiB of results the way a training run does: checkpoints and metrics."""
+import os
+import random
+import sys
+
+total_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+rng = random.Random(7)
+os.makedirs("checkpoints", exist_ok=True)
+os.makedirs("results", exist_ok=True)
+checkpoint_mib = total_mib * 9 // 10
+for index in range(4):
+    with open(f"checkpoints/step-{index:04d}.pt", "wb") as handle:
+        for _ in range(checkpoint_mib // 4):
+            handle.write(rng.randbytes(1 << 20))
+remaining = (total_mib - (checkpoint_mib // 4) * 4) << 20
+with open("results/metrics.csv", "w") as handle:
+    step = 0
+    while handle.tell() < remaining:
+        handle.write(f"{step},{rng.random():.6f},{rng.random():.6f},{rng.random():.6f}\\n")
+        step += 1
+print("wrote", total_mib, "MiB of results", flush=True)
+'''
+
+_EMIT_LINES = '''"""Prints COUNT lines, one every INTERVAL seconds, each stamped with the time it was written."""
+import sys
+import time
+
+count = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+interval = float(sys.argv[2]) if len(sys.argv) > 2 else 0.25
+delay = float(sys.argv[3]) if len(sys.argv) > 3 else 2.0
+time.sleep(delay)  # time for a follower to attach before the first measured line
+for number in range(count):
+    print(f"tick {number} {time.time():.6f}", flush=True)
+    time.sleep(interval)
+print("done", flush=True)
+'''
