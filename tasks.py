@@ -192,6 +192,117 @@ def ssh_config(c, stack=None, workdir=None, print_only=False):
     success(f"wrote {path}; connect with `ssh {entries.host_alias(target)}`")
 
 
+def _float_option(name: str, value: object) -> float | None:
+    from trainstack.errors import UsageError
+
+    if value is None or value == "":
+        return None
+    try:
+        return float(str(value))
+    except ValueError:
+        raise UsageError(f"--{name} takes a number, not {value!r}") from None
+
+
+def _project_dir() -> Path:
+    from trainstack.stack import find_project_dir
+
+    return find_project_dir(Path.cwd())
+
+
+@task(
+    # No short flags: -s means --stack everywhere else, and new has no stack yet.
+    auto_shortflags=False,
+    help={
+        "name": "the experiment's name: letters, digits, '-', '_', '.'",
+        "instance_type": "EC2 instance type (default t3.micro)",
+        "spot": "run on spot capacity (cheaper; the machine is gone when AWS takes it back)",
+        "nodes": "number of machines (default 1)",
+        "workdir": "the project to ship, relative to this directory (default .)",
+        "command": "the training command, e.g. 'python train.py'",
+        "idle_minutes": "stop the machine after this many minutes idle (default 30; 0: never)",
+        "max_hours": "stop it this many hours after it started, even while busy (default: no limit)",
+        "region": "AWS region (default us-east-1)",
+        "cidr": "the address allowed to SSH in (default: your public address, looked up once)",
+    },
+)
+@handle_errors
+def new(c, name, instance_type="t3.micro", spot=False, nodes=None, workdir=".", command="", idle_minutes=None,
+        max_hours=None, region="us-east-1", cidr=None):
+    """Create Pulumi.NAME.yaml for a new experiment; SSH is allowed from your address only."""
+    from trainstack.lifecycle import ExperimentSpec, caller_cidr, check_experiment_name, new_experiment
+
+    project = _project_dir()
+    check_experiment_name(name)
+    spec = ExperimentSpec(
+        instance_type=instance_type, spot=bool(spot), nodes=_int_option("nodes", nodes) or 1, workdir=workdir,
+        command=command or "", idle_minutes=30 if idle_minutes is None else _int_option("idle-minutes", idle_minutes),
+        max_hours=_float_option("max-hours", max_hours), region=region,
+    )
+    path = new_experiment(name, project, spec, caller_cidr(cidr))
+    success(f"wrote {path.name}; create the machines with `invoke up -s {name}`")
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
+        "wait": "wait until the machines are ready (default; --no-wait returns after pulumi up)",
+        "timeout": "seconds to wait for the machines (default 900)",
+    }
+)
+@handle_errors
+def up(c, stack=None, wait=True, timeout=None):
+    """Create the experiment's machines with `pulumi up`, after saying what they cost."""
+    from trainstack.lifecycle import AutomationEngine, up_experiment
+    from trainstack.stack import resolve_stack_name
+
+    project = _project_dir()
+    name = resolve_stack_name(stack, project)
+    up_experiment(name, project, AutomationEngine(), note)
+    if wait:
+        from trainstack.wait import wait_ready
+
+        target = _target(name, None)
+        seconds = 900 if timeout is None else _int_option("timeout", timeout)
+        wait_ready(target, float(seconds or 0), notify=note)
+    success(f"stack '{name}' is up")
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
+        "force": "destroy even while a run is active or results were not fetched",
+        "fetch": "fetch the results first, then destroy",
+    }
+)
+@handle_errors
+def down(c, stack=None, force=False, fetch=False):
+    """Destroy the experiment's machines: not while a run is active or results are not fetched."""
+    from trainstack.lifecycle import AutomationEngine, down_experiment
+    from trainstack.stack import resolve_stack_name
+
+    project = _project_dir()
+    name = resolve_stack_name(stack, project)
+
+    def fetch_results(target):
+        from trainstack.fetch import fetch as fetch_run
+
+        with _connection(target) as conn:
+            fetch_run(target, conn, run_id=None, console=_console())
+
+    down_experiment(name, project, engine=AutomationEngine(), notify=note, force=bool(force),
+                    fetch=bool(fetch), fetcher=fetch_results)
+    success(f"stack '{name}' destroyed")
+
+
+@task
+@handle_errors
+def ls(c):
+    """Every experiment of this project: state, machines, uptime, cost so far, active run, auto-stop."""
+    from trainstack.experiments import list_experiments, render
+
+    render(list_experiments(_project_dir()))
+
+
 @task(name="up", help={"nodes": "number of nodes (default 1)"})
 @handle_errors
 def local_up(c, nodes=1):
@@ -232,5 +343,5 @@ local = Collection("local")
 local.add_task(local_up)
 local.add_task(local_down)
 
-ns = Collection(wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, demo)
+ns = Collection(wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, demo, new, up, down, ls)
 ns.add_collection(local)

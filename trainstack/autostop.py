@@ -185,3 +185,22 @@ def snapshot(connection: Any, timeout: float = 20.0) -> NodeSnapshot:
     """Read one node's snapshot through a `trainstack.connection.Connection`."""
     result = connection.run(probe_command(connection.target.outputs.remote_root), timeout=timeout)
     return parse_probe(result.stdout)
+
+
+def status_lines(target: Any, retry_seconds: float = 10.0) -> list[str]:
+    """`auto-stop: ...` and `cost: ...` for `invoke status`, from node 0; none when it is
+    unreachable (status reports that already)."""
+    from trainstack.connection import Connection
+    from trainstack.cost import cost_line
+    from trainstack.errors import TrainstackError
+
+    try:
+        with Connection(target, retry_seconds=retry_seconds) as conn:
+            node = snapshot(conn)
+    except TrainstackError:
+        return []
+    lines = [f"auto-stop: {node.auto_stop().text}"]
+    if node.watchdog_error:
+        lines.append(f"auto-stop: {node.watchdog_error}")
+    lines.append(f"cost: {cost_line(target.outputs, getattr(target, 'config', {}) or {}, node.uptime_seconds)}")
+    return lines

@@ -80,4 +80,9 @@ def show_status(target: Target) -> list[NodeStatus]:
                 result = "-" if run.active else describe_exit(run.exit_code)
                 table.add_row(run.run_id, run.state, run.started_at or "-", _duration(run.uptime_seconds()), result)
             console.print(table)
+    if statuses and statuses[0].reachable:
+        from trainstack.autostop import status_lines
+
+        for line in status_lines(target, retry_seconds=STATUS_RETRY_SECONDS):
+            console.print(line, markup=False, highlight=False)
     return statuses
