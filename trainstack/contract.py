@@ -74,13 +74,19 @@ class Remote:
     BOOTSTRAP_LOG = "bootstrap.log"
     SYNC_MANIFEST = ".trainstack-manifest.json"  # kept beside (not inside) workdir
 
-    # Files inside one run directory.
-    RUN_COMMAND = "command"
-    RUN_ENV = "env"
-    RUN_PID = "pid"
-    RUN_STARTED_AT = "started_at"
-    RUN_EXIT_CODE = "exit_code"
-    RUN_LOG = "log"
+    # Files inside one run directory, written by bin/trainstack-run. A run is ACTIVE while its
+    # pid file exists, its exit_code file does not, the pid file is from the current boot and
+    # that process is alive (the runner, the watchdog and the laptop all use this rule).
+    RUN_COMMAND = "command"  # the user's command, run verbatim by `bash -c`
+    RUN_ENV = "env"  # KEY=value lines, exported as data
+    RUN_PID = "pid"  # the job's pid = its process group and session id
+    RUN_STARTED_AT = "started_at"  # UTC, 2025-01-01T12:00:00Z
+    RUN_EXIT_CODE = "exit_code"  # 128+N when signal N ended the job; written last, atomically
+    RUN_LOG = "log"  # the job's stdout and stderr, nothing else
+    RUN_FINISHED_AT = "finished_at"
+    RUN_RUNNER_PID = "runner_pid"  # the process waiting for the job to record its exit code
+    RUN_RUNNER_LOG = "runner.log"  # what that process itself reported (normally empty)
+    RUNS_CURRENT = "runs/current"  # symlink to the most recently started run
 
     RUNNER = "bin/trainstack-run"
     WATCHDOG = "bin/trainstack-watchdog"
