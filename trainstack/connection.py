@@ -143,7 +143,12 @@ class Connection:
             except (HostKeyMismatch, AuthenticationFailed):
                 raise
             except Exception as exc:  # noqa: BLE001 - classified by _is_transient below
+                nonlocal refreshed
                 last_error[:] = [exc]
+                if _is_transient(exc) and not refreshed and self._refresh_outputs():
+                    # Cached outputs named a machine that has moved: the next attempt uses the new ones.
+                    refreshed = True
+                    raise
                 if self.notify is not None:
                     self.notify(f"waiting for SSH on {self.host}:{self.port} ({_describe_error(exc)})")
                 raise
