@@ -39,6 +39,7 @@ def _console():
 
 
 def _int_option(name: str, value: object) -> int | None:
+    """Numbers arrive as strings: an int default would make invoke's parser die with a traceback."""
     from trainstack.errors import UsageError
 
     if value is None:
@@ -51,12 +52,13 @@ def _int_option(name: str, value: object) -> int | None:
 
 @task(help={**COMMON_HELP, "timeout": "seconds to wait before giving up (default 900)"})
 @handle_errors
-def wait(c, stack=None, workdir=None, timeout=900):
+def wait(c, stack=None, workdir=None, timeout=None):
     """Wait until every node answers SSH and finished its first-boot setup."""
     from trainstack.wait import wait_ready
 
     target = _target(stack, workdir)
-    states = wait_ready(target, float(_int_option("timeout", timeout) or 0), notify=note)
+    seconds = _int_option("timeout", timeout)
+    states = wait_ready(target, float(900 if seconds is None else seconds), notify=note)
     success(f"stack '{target.stack}' is ready ({len(states)} node(s))")
 
 
@@ -129,15 +131,16 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None):
         raise SystemExit(code)
 
 
-@task(help={**COMMON_HELP, "run": "run id (default: the active run)", "grace": "seconds between SIGTERM and SIGKILL"})
+@task(help={**COMMON_HELP, "run": "run id (default: the active run)", "grace": "seconds between SIGTERM and SIGKILL (default 10)"})
 @handle_errors
-def stop(c, stack=None, workdir=None, run=None, grace=10):
+def stop(c, stack=None, workdir=None, run=None, grace=None):
     """Stop a run: SIGTERM to its process group, SIGKILL after the grace period."""
     from trainstack import runs
 
     target = _target(stack, workdir)
     with _connection(target) as conn:
-        outcome = runs.stop_run(conn, run, grace=float(_int_option("grace", grace) or 0))
+        seconds = _int_option("grace", grace)
+        outcome = runs.stop_run(conn, run, grace=float(10 if seconds is None else seconds))
     success(outcome.describe())
 
 
@@ -164,7 +167,7 @@ def fetch(c, stack=None, workdir=None, run=None):
 
 @task(help={**COMMON_HELP, "node": "node index (default 0, the head)"})
 @handle_errors
-def ssh(c, stack=None, workdir=None, node=0):
+def ssh(c, stack=None, workdir=None, node=None):
     """Open a shell on a node, in the synced workdir."""
     import os
     import shlex
@@ -305,7 +308,7 @@ def ls(c):
 
 @task(name="up", help={"nodes": "number of nodes (default 1)"})
 @handle_errors
-def local_up(c, nodes=1):
+def local_up(c, nodes=None):
     """Start the local target: a real sshd on 127.0.0.1 playing a cloud machine (stack 'local')."""
     from trainstack.local import LocalTarget
     from trainstack.stack import find_project_dir

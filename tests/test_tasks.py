@@ -297,6 +297,8 @@ def test_empty_command(venv_bin: Path, local_sshd, project_dir: Path, workdir: P
     ("args", "message"),
     [
         (("logs", "--tail", "many"), "--tail takes a whole number"),
+        (("stop", "--grace", "soon"), "--grace takes a whole number"),
+        (("wait", "--timeout", "1h"), "--timeout takes a whole number"),
         (("logs", "--run", "../../etc"), "invalid run id"),
         (("train", "--no-sync", "--command", "true", "--env", "NOT AN ASSIGNMENT"), "is not KEY=VALUE"),
         (("logs", "--run", "20990101-000000-beef"), "no run 20990101-000000-beef"),
