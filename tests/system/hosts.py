@@ -27,7 +27,6 @@ import errno
 import fcntl
 import gzip
 import hashlib
-import itertools
 import os
 import re
 import shlex
@@ -38,9 +37,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from pathlib import Path
@@ -309,26 +307,41 @@ def _is_running(pid: int) -> bool:
 
 # --- addresses ---------------------------------------------------------------------------------
 
-_address_lock = threading.Lock()
-_next_address = itertools.count(FIRST_ADDRESS)
+#: One lock file per address in use; a host holds its lock for its whole life, so concurrent test
+#: sessions on one machine never share an address (a host's sshd only listens after first boot).
+ADDRESS_LOCK_DIR = Path(tempfile.gettempdir()) / "trainstack-test-addresses"
 
 
-def allocate_address() -> str:
-    """The next 127.0.0.N whose port 22 nobody listens on (another session's hosts may)."""
-    with _address_lock:
-        for n in _next_address:
-            if n > 254:
-                raise HostError("no free loopback address left in 127.0.0.2-127.0.0.254")
-            address = f"127.0.0.{n}"
-            with socket.socket() as probe:
-                try:
-                    probe.bind((address, SSH_PORT))
-                except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE:
-                        continue
-                    raise
-            return address
-    raise AssertionError("unreachable")
+@dataclass
+class AddressLease:
+    address: str
+    _lock: object = field(repr=False)
+
+    def release(self) -> None:
+        self._lock.close()  # type: ignore[attr-defined]
+
+
+def lease_address() -> AddressLease:
+    """A 127.0.0.N no other host (of this or another session) holds and nothing listens on at :22."""
+    ADDRESS_LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
+    for n in range(FIRST_ADDRESS, 255):
+        address = f"127.0.0.{n}"
+        lock = open(ADDRESS_LOCK_DIR / address, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, SSH_PORT))
+            except OSError as exc:
+                lock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+        return AddressLease(address, lock)
+    raise HostError("no free loopback address left in 127.0.0.2-127.0.0.254")
 
 
 # --- cloud-init's view of user-data --------------------------------------------------------------
@@ -386,6 +399,7 @@ class Host:
     _init: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _sshd: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _torn_down: bool = field(default=False, init=False, repr=False)
+    lease: AddressLease | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.root = self.workdir / "root"
@@ -400,12 +414,13 @@ class Host:
                 ["cp", "-a", "--reflink=auto", f"{self.rootfs}/.", str(self.root)], check=True
             )
         self._configure_identity()
-        self._init = subprocess.Popen(
-            ["unshare", "--pid", "--mount", "--uts", "--fork", "--propagation", "private", "--",
-             sys.executable, "-I", str(HOST_INIT), str(self.root), self.name],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=open(self.workdir / "init.log", "wb"), start_new_session=True,
-        )
+        with open(self.workdir / "init.log", "wb") as init_log:
+            self._init = subprocess.Popen(
+                ["unshare", "--pid", "--mount", "--uts", "--fork", "--propagation", "private", "--",
+                 sys.executable, "-I", str(HOST_INIT), str(self.root), self.name],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=init_log,
+                start_new_session=True,
+            )
         assert self._init.stdout is not None
         line = self._init.stdout.readline()
         self._init.stdout.close()
@@ -470,6 +485,8 @@ class Host:
         # Anything chrooted into the host that escaped the namespace (none should).
         kill_and_wait(processes_rooted_in(self.root))
         remove_tree(self.workdir)
+        if self.lease is not None:
+            self.lease.release()
 
     # running things inside
 
@@ -628,12 +645,12 @@ class Host:
             raise HostError(f"{self.name}: sshd is already running")
         self.run(["mkdir", "-p", "-m", "0755", "/run/sshd"])
         self.run(["/usr/sbin/sshd", "-t", "-o", f"ListenAddress={self.address}"])
-        log = open(self.workdir / "sshd.log", "ab")
-        self._sshd = subprocess.Popen(
-            self._enter(["/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}"], {**ROOT_ENV, **egress_trust()[1]}),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
+        with open(self.workdir / "sshd.log", "ab") as log:
+            self._sshd = subprocess.Popen(
+                self._enter(["/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}"],
+                            {**ROOT_ENV, **egress_trust()[1]}),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._sshd.poll() is not None:
@@ -713,13 +730,13 @@ class HostPool:
         self.rootfs = rootfs
         self.base_dir = base_dir or Path(tempfile.gettempdir())
         self.hosts: list[Host] = []
-        self._counter = itertools.count(1)
 
     def create(self, name: str | None = None) -> Host:
-        address = allocate_address()
+        lease = lease_address()
+        address = lease.address
         name = name or f"host-{address.rsplit('.', 1)[1]}"
         workdir = Path(tempfile.mkdtemp(prefix=f"{HOST_DIR_PREFIX}{name}-", dir=self.base_dir))
-        host = Host(name=name, address=address, rootfs=self.rootfs, workdir=workdir)
+        host = Host(name=name, address=address, rootfs=self.rootfs, workdir=workdir, lease=lease)
         self.hosts.append(host)
         host.start()  # a host that fails to start is still torn down by close()
         return host
@@ -754,12 +771,3 @@ def leftovers(hosts: Iterable[Host]) -> list[str]:
         if host.workdir.exists():
             found.append(f"{host.name}: directory {host.workdir}")
     return found
-
-
-@contextlib.contextmanager
-def host_pool(rootfs: Path) -> Iterator[HostPool]:
-    pool = HostPool(rootfs)
-    try:
-        yield pool
-    finally:
-        pool.close()

@@ -189,6 +189,12 @@ class Experiment:
         """`invoke <task> --stack <stack> <args>` in the project, with this repository's tasks."""
         return invoke_task(self.project, task, "--stack", self.stack, *args, timeout=timeout)
 
+    def target(self) -> Any:
+        """The resolved target, as the tasks see it from this project."""
+        from trainstack.stack import resolve_target
+
+        return resolve_target(self.stack, project_dir=self.project)
+
 
 def invoke_task(
     project: Path, task: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 240
@@ -209,8 +215,3 @@ def invoke_task(
             f"`invoke {task} {' '.join(args)}` still running after {timeout:.0f} s\n"
             f"stdout: {text(exc.stdout)[-2000:]}\nstderr: {text(exc.stderr)[-2000:]}"
         ) from None
-
-    def target(self) -> Any:
-        from trainstack.stack import resolve_target
-
-        return resolve_target(self.stack, project_dir=self.project)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .hosts import HostError, HostPool, leftovers, mounts_under
+from .hosts import HostError, HostPool, lease_address, leftovers, mounts_under
 
 pytestmark = pytest.mark.system
 
@@ -64,3 +64,13 @@ def test_commands_that_fail_or_hang_are_reported(host_pool: HostPool) -> None:
     with pytest.raises(HostError, match="still running"):
         host.run(["sleep", "30"], timeout=1)
     assert host.run(["true"]).returncode == 0
+
+
+def test_an_address_held_by_another_session_is_not_reused(host_pool: HostPool) -> None:
+    # Another test session's host holds its address from creation, long before its sshd listens.
+    elsewhere = lease_address()
+    try:
+        host = host_pool.create()
+        assert host.address != elsewhere.address
+    finally:
+        elsewhere.release()
