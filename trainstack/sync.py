@@ -13,13 +13,15 @@ function (`_RSYNC_WRAPPER`) that, around the real `rsync --server`:
      then read the machine's manifest and ship the full list instead of the diff;
   2. marks the machine's manifest as in progress, so an interrupted transfer is
      never taken for a finished one;
-  3. reads the new manifest from the head of its stdin (our `-e` wrapper sends it
-     before rsync's own stream) and installs it only when rsync succeeded.
+  3. reads the new manifest and the lists of paths to delete and to force from the
+     head of its stdin (our `-e` relay sends them before rsync's own stream), applies
+     the lists, runs rsync, and installs the manifest only when rsync succeeded.
 Over an OpenSSH ControlMaster (see `Connection.ssh_argv`) that costs no handshake.
 
 Deletions: only paths the last sync shipped and the tree no longer has are deleted
-(rsync `--delete-missing-args`). The results dirs and every file the machine made
-itself are never in either list, and rsync is also told to exclude the results dirs.
+(by the wrapper, from a list; their parent dirs go too, only if left empty). The
+results dirs and every file the machine made itself are never in either list, and
+rsync is also told to exclude the results dirs.
 
 Content changes rsync's quick check (size + mtime) would miss — a rewrite that
 kept size and mtime — are caught by the manifest's content hashes; those files'
@@ -32,25 +34,34 @@ results dirs and every file sync did not ship are moved over first.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import posixpath
-import re
 import shlex
 import shutil
-import socket
-import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract
-from trainstack.errors import SyncError, TrainstackError
+from trainstack.errors import SyncError
 from trainstack.manifest import Diff, HashCache, Manifest, diff, header_digest, scan
 from trainstack.selection import select_files
+from trainstack.transfer import (
+    RSYNC_LINK_FAILURES,
+    LinkFailed,
+    Progress,
+    RsyncOutcome,
+    human,
+    last_line,
+    remote_shell,
+    rsh_string,
+    run_rsync,
+    say,
+    wait_for_node,
+    wants_compression,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -59,7 +70,6 @@ if TYPE_CHECKING:
     from trainstack.stack import Target
 
 ENV_TRANSPORT = "TRAINSTACK_SYNC_TRANSPORT"  # auto | rsync | tar
-ENV_COMPRESS = "TRAINSTACK_SYNC_COMPRESS"  # auto | yes | no
 TRANSPORT_RSYNC = "rsync"
 TRANSPORT_TAR = "tar"
 TRANSPORT_NONE = "none"
@@ -72,11 +82,7 @@ TRANSFER_ATTEMPTS = 3
 # Markers the remote wrapper prints to stderr; rsync itself then reports a broken stream.
 _MARK_RSYNC_MISSING = "trainstack-sync: rsync-missing"
 _MARK_MANIFEST_CHANGED = "trainstack-sync: manifest-changed"
-# rsync exit codes that mean the link (or the remote shell) failed, not the transfer.
-_RSYNC_LINK_FAILURES = {10, 12, 30, 35, 255}
-# Beyond this many bytes of quoted paths, files to force go to a second `rsync -I`
-# run instead of onto the wrapper's command line.
-_MAX_INLINE_FORCED = 64 * 1024
+_RSYNC_VANISHED = 24  # rsync: "some files vanished before they could be transferred"
 
 
 @dataclass
@@ -92,20 +98,21 @@ class SyncResult:
     noop: bool = False  # nothing changed; nothing was transferred
     transport: str = TRANSPORT_NONE
     dry_run: bool = False
-    #: With `dry_run`: the itemized changes ("+ path", "~ path", "- path").
+    #: The itemized changes ("+ path" new, "~ path" updated, "- path" deleted).
     changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.noop:
             return (
-                f"already in sync: {self.files:,} files ({_human(self.bytes_total)}), nothing sent "
+                f"already in sync: {self.files:,} files ({human(self.bytes_total)}), nothing sent "
                 f"({self.seconds:.2f} s)"
             )
         verb = "would sync" if self.dry_run else "synced"
         parts = [f"{self.transferred:,} updated", f"{self.deleted:,} deleted"]
-        sent = "" if self.dry_run else f", {_human(self.bytes_sent)} sent"
+        sent = "" if self.dry_run else f", {human(self.bytes_sent)} sent"
         return (
-            f"{verb} {self.files:,} files ({_human(self.bytes_total)}): {', '.join(parts)}{sent} "
+            f"{verb} {self.files:,} files ({human(self.bytes_total)}): {', '.join(parts)}{sent} "
             f"via {self.transport} in {self.seconds:.2f} s"
         )
 
@@ -146,7 +153,7 @@ def sync(
         if header == last.digest:
             result.noop = True
             result.seconds = time.monotonic() - started
-            _say(console, result.summary())
+            say(console, result.summary())
             return result
 
     local_rsync = shutil.which("rsync") is not None
@@ -163,15 +170,17 @@ def sync(
                 raise SyncError(
                     f"rsync is not installed on {conn.describe()}: install it there or set {ENV_TRANSPORT}=tar"
                 ) from None
-            _say(console, f"rsync is missing on {conn.describe()}: shipping with tar instead")
+            say(console, f"rsync is missing on {conn.describe()}: shipping with tar instead")
             use_tar = True
     if use_tar:
         _push_tar(target, conn, workdir, remote, current, last, state, result, console, dry_run)
 
     result.seconds = time.monotonic() - started
-    _say(console, result.summary())
+    say(console, result.summary())
     for line in result.changes if dry_run else ():
-        _say(console, f"  {line}", markup=False)
+        say(console, f"  {line}")
+    for warning in result.warnings:
+        say(console, f"warning: {warning}")
     return result
 
 
@@ -224,6 +233,7 @@ class _RemoteLayout:
     manifest: str  # complete: the machine holds exactly this
     partial: str  # the last complete manifest, while a transfer is under way
     incoming: str  # the manifest of the transfer under way
+    scratch: str  # rsync's temporary files and our lists, one subdir per sync
     results: tuple[str, ...]
 
     @classmethod
@@ -236,39 +246,14 @@ class _RemoteLayout:
             manifest=manifest,
             partial=manifest + ".partial",
             incoming=manifest + ".incoming",
+            scratch=posixpath.join(root, ".trainstack-sync.tmp"),
             results=tuple(target.results),
         )
 
 
-def _remote(conn: "Connection", script: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    """Run a shell snippet on the node through OpenSSH (reusing the ControlMaster, so a
-    later task invocation pays no handshake); exit code, stdout bytes, stderr text."""
-    argv = [*conn.ssh_argv(), conn.destination, f"sh -c {shlex.quote(script)}"]
-    try:
-        proc = subprocess.run(argv, input=stdin or b"", capture_output=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise SyncError(f"{conn.describe()} did not answer within 600 s: check the machine (`invoke status`)") from None
-    stderr = proc.stderr.decode("utf-8", "replace")
-    if proc.returncode == 255:
-        _raise_ssh_failure(conn, stderr)
-    return proc.returncode, proc.stdout, stderr
-
-
-def _raise_ssh_failure(conn: "Connection", stderr: str) -> None:
-    from trainstack.errors import HostKeyMismatch, TargetUnreachable
-
-    detail = _last_line(stderr) or "ssh exited 255"
-    if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
-        raise HostKeyMismatch(
-            f"{conn.describe()} presented a host key other than the pinned one; refusing to connect. "
-            "If the machine was replaced, run `pulumi refresh` and retry"
-        )
-    raise TargetUnreachable(f"cannot reach {conn.describe()} ({detail}): is the machine running? try `invoke wait`")
-
-
 def _read_remote_header(conn: "Connection", remote: _RemoteLayout) -> str | None:
     """The digest of the node's complete manifest, or None (missing, in progress, damaged)."""
-    code, out, _ = _remote(conn, f"head -n 1 {shlex.quote(remote.manifest)} 2>/dev/null; exit 0")
+    code, out, _ = remote_shell(conn, f"head -n 1 {shlex.quote(remote.manifest)} 2>/dev/null; exit 0", error=SyncError)
     return header_digest(out.decode("ascii", "replace").strip()) if code == 0 else None
 
 
@@ -280,9 +265,9 @@ def _read_remote_base(conn: "Connection", remote: _RemoteLayout) -> tuple[Manife
         f"cat {shlex.quote(p)} 2>/dev/null; printf '%s\\n' {shlex.quote(sep)}"
         for p in (remote.manifest, remote.partial, remote.incoming)
     )
-    code, out, err = _remote(conn, script)
+    code, out, err = remote_shell(conn, script, error=SyncError)
     if code != 0:
-        raise SyncError(f"cannot read the sync manifest on {conn.describe()}: {_last_line(err)}")
+        raise SyncError(f"cannot read the sync manifest on {conn.describe()}: {last_line(err)}")
     parts = out.split(sep.encode() + b"\n")
     manifests = []
     for blob in parts[:3]:
@@ -311,22 +296,30 @@ class _ManifestChanged(Exception):
     pass
 
 
-class _LinkFailed(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
 # The remote end of a sync, run instead of plain `rsync` as `sh -c SCRIPT trainstack-sync
-# <server args>`; see the module docstring.
+# <server args>`. Its stdin starts with four blobs of known sizes (the new manifest; the
+# NUL-separated paths to delete, to reset the mtime of, and the directories to remove if
+# they became empty), then rsync's own stream. See the module docstring.
 _RSYNC_WRAPPER = (
     "command -v rsync >/dev/null 2>&1 || {{ echo {missing} >&2; exit 127; }}; "
     "{check}"
-    "mkdir -p {workdir} || exit 1; "
+    "take() {{ if [ \"$1\" -gt 0 ]; then dd bs=\"$1\" count=1 iflag=fullblock status=none of=\"$2\" || exit 1; "
+    "else : > \"$2\" || exit 1; fi; }}; "
+    "mkdir -p {workdir} {scratch} || exit 1; "
+    # rsync's temporary files live in a scratch dir per sync, not in the workdir; those of
+    # syncs that were killed (their pid is gone) are removed here.
+    "for d in {scratch}/*; do [ -d \"$d\" ] || continue; kill -0 \"${{d##*/}}\" 2>/dev/null || rm -rf \"$d\"; done; "
+    "s={scratch}/$$; mkdir \"$s\" || exit 1; "
     "if [ -f {manifest} ]; then mv -f {manifest} {partial} || exit 1; fi; "
-    "dd bs={size} count=1 iflag=fullblock status=none of={incoming} || exit 1; "
-    "{touch}"
-    "rsync \"$@\"; rc=$?; "
+    "take {manifest_size} {incoming}; take {delete_size} \"$s/delete\"; "
+    "take {force_size} \"$s/force\"; take {rmdir_size} \"$s/rmdir\"; "
+    "cd {workdir} || exit 1; "
+    "xargs -0 -r rm -f -- < \"$s/delete\" || exit 1; "
+    "xargs -0 -r rmdir --ignore-fail-on-non-empty -- < \"$s/rmdir\" 2>/dev/null; "
+    # A zero mtime makes rsync's quick check see these files as changed.
+    "xargs -0 -r touch -c -m -d @0 -- < \"$s/force\" 2>/dev/null; "
+    "server=$1; shift; rsync \"$server\" --temp-dir=\"$s\" \"$@\"; rc=$?; "
+    "rm -rf \"$s\"; "
     "if [ $rc -eq 0 ]; then mv -f {incoming} {manifest} && rm -f {partial} || rc=1; fi; "
     "exit $rc"
 )
@@ -336,17 +329,16 @@ _CHECK_DIGEST = (
 _CHECK_NO_MANIFEST = (
     "if [ -e {manifest} ] || [ -e {partial} ]; then echo {changed} >&2; exit 3; fi; "
 )
-_PLAIN_WRAPPER = (
+_DRY_RUN_WRAPPER = (
     "command -v rsync >/dev/null 2>&1 || {{ echo {missing} >&2; exit 127; }}; "
-    "mkdir -p {workdir} 2>/dev/null; exec rsync \"$@\""
+    "exec rsync \"$@\""
 )
 
-
-# The local end: ssh's stdin is the manifest followed by rsync's own stream. The relay
-# (cat) runs in the background and is stopped as soon as ssh ends, so a remote that
-# exits early can never leave rsync waiting on a relay that waits on rsync.
+# The local end: ssh's stdin is the blobs followed by rsync's own stream. The relay (cat)
+# runs in the background and is stopped as soon as ssh ends, so a remote that exits
+# early can never leave rsync waiting on a relay that waits on rsync.
 # (fd 3: a background job's stdin would otherwise be /dev/null.)
-_RELAY = 'm=$0; f=$1; shift; exec 3<&0; cat -- "$m" - <&3 >"$f" & c=$!; exec 3<&-; "$@" <"$f"; rc=$?; kill $c 2>/dev/null; exit $rc'
+_RELAY = 'h=$0; f=$1; shift; exec 3<&0; cat -- "$h" - <&3 >"$f" & c=$!; exec 3<&-; "$@" <"$f"; rc=$?; kill $c 2>/dev/null; exit $rc'
 
 
 def _wrapped(script: str) -> str:
@@ -354,12 +346,28 @@ def _wrapped(script: str) -> str:
     return f"sh -c {shlex.quote(script)} trainstack-sync"
 
 
-@dataclass
-class _RsyncOutcome:
-    transferred: int = 0
-    deleted: int = 0
-    bytes_sent: int = 0
-    changes: list[str] = field(default_factory=list)
+def _nul_list(paths: Iterable[str]) -> bytes:
+    return b"".join(os.fsencode(p) + b"\0" for p in paths)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    send: tuple[str, ...]  # paths rsync compares and ships
+    delete: tuple[str, ...]  # shipped before, gone now: deleted on the node
+    force: tuple[str, ...]  # changed behind rsync's quick check
+    new_manifest: Manifest
+    expected_digest: str | None  # the node must hold this manifest (None: none at all)
+    check: bool  # whether the node must confirm `expected_digest` first
+
+    def rmdirs(self) -> list[str]:
+        """Parent dirs of deleted paths, deepest first: removed on the node only if empty."""
+        dirs: set[str] = set()
+        for path in self.delete:
+            parent = posixpath.dirname(path)
+            while parent:
+                dirs.add(parent)
+                parent = posixpath.dirname(parent)
+        return sorted(dirs, key=lambda d: (-d.count("/"), d))
 
 
 class _RsyncPush:
@@ -379,176 +387,86 @@ class _RsyncPush:
         self.console = console
         self.bwlimit_kbps = bwlimit_kbps
 
-    def argv(
-        self,
-        files_from: Path,
-        *,
-        rsync_path: str,
-        rsh: list[str],
-        dry_run: bool = False,
-        ignore_times: bool = False,
-    ) -> list[str]:
+    def argv(self, files_from: Path, *, rsync_path: str, rsh: list[str], dry_run: bool = False) -> list[str]:
         argv = [
             "rsync",
-            f"--files-from={files_from}",  # exactly the shipped (or changed) set, nothing else
+            f"--files-from={files_from}",  # exactly the changed (or shipped) set, nothing else
             "--from0",  # NUL-separated: any file name, even with newlines
+            "--no-implied-dirs",  # parent dirs are created as needed; theirs attributes do not matter
             "--links",  # symlinks stay symlinks; their targets are never followed
             "--perms",  # keep the executable bit of scripts
             "--times",  # mtimes make rsync's quick check work next time
-            "--omit-dir-times",  # parent dirs are implied by the list; their times do not matter
-            "--delete-missing-args",  # listed paths gone locally are deleted on the node, nothing else
-            "--out-format=%i %n%L",  # one itemized line per change: counts and --dry-run listing
+            "--omit-dir-times",
+            "--out-format=%i %n%L",  # one itemized line per change: counts and the --dry-run listing
             "--info=progress2",  # one overall progress line for the bar
             "--stats",  # bytes on the wire for the summary
             "--no-human-readable",  # plain integers to parse
-            f"--rsync-path={rsync_path}",  # the wrapper: manifest check and install around the server
-            f"--rsh={_rsh_string(rsh)}",
+            f"--rsync-path={rsync_path}",  # the wrapper: manifest check, deletions, install
+            f"--rsh={rsh_string(rsh)}",
         ]
         for rel in self.remote.results:
             # Belt and braces: even a list that named them could not touch the results dirs.
             argv.append(f"--exclude=/{rel.strip('/')}/***")
-        if _wants_compression(self.conn.host):
+        if wants_compression(self.conn.host):
             argv.append("--compress")  # worth it on a real network; on loopback it only costs CPU
         if self.bwlimit_kbps:
             argv.append(f"--bwlimit={int(self.bwlimit_kbps)}")
-        if ignore_times:
-            argv.append("--ignore-times")  # the files listed are known to differ
         if dry_run:
             argv.append("--dry-run")
         argv += [f"{self.workdir}/", f"{self.conn.destination}:{self.remote.workdir}/"]
         return argv
 
-    def push(
-        self,
-        tmp: Path,
-        paths: Sequence[str],
-        *,
-        new_manifest: Manifest | None,
-        expected_digest: str | None,
-        check: bool,
-        forced: Sequence[str],
-        dry_run: bool,
-        total_bytes: int,
-    ) -> _RsyncOutcome:
-        """One rsync run; `new_manifest` None means a plain run (dry run, forced files)."""
+    def push(self, tmp: Path, plan: _Plan) -> RsyncOutcome:
         files_from = tmp / "files-from"
-        files_from.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in paths))
-        rsh = self.conn.ssh_argv()
+        files_from.write_bytes(_nul_list(plan.send))
         q = shlex.quote
         r = self.remote
-        ignore_times = False
-        if new_manifest is None:
-            rsync_path = _wrapped(_PLAIN_WRAPPER.format(missing=q(_MARK_RSYNC_MISSING), workdir=q(r.workdir)))
-            ignore_times = bool(forced) and not dry_run
+        blobs = [plan.new_manifest.dumps(), _nul_list(plan.delete), _nul_list(plan.force), _nul_list(plan.rmdirs())]
+        if not plan.check:
+            check = ""
+        elif plan.expected_digest is None:
+            check = _CHECK_NO_MANIFEST.format(manifest=q(r.manifest), partial=q(r.partial), changed=q(_MARK_MANIFEST_CHANGED))
         else:
-            manifest_file = tmp / "manifest"
-            data = new_manifest.dumps()
-            manifest_file.write_bytes(data)
-            if not check:
-                check_script = ""
-            elif expected_digest is None:
-                check_script = _CHECK_NO_MANIFEST.format(
-                    manifest=q(r.manifest), partial=q(r.partial), changed=q(_MARK_MANIFEST_CHANGED)
-                )
-            else:
-                check_script = _CHECK_DIGEST.format(
-                    manifest=q(r.manifest), needle=q(f'"digest": "{expected_digest}"'), changed=q(_MARK_MANIFEST_CHANGED)
-                )
-            touch = ""
-            if forced:
-                quoted = " ".join(q(p) for p in forced)
-                # A zero mtime makes rsync's quick check see these files as changed.
-                touch = f"(cd {q(r.workdir)} && touch -c -m -d @0 -- {quoted}) 2>/dev/null; "
-            rsync_path = _wrapped(_RSYNC_WRAPPER.format(
-                missing=q(_MARK_RSYNC_MISSING),
-                check=check_script,
-                workdir=q(r.workdir),
-                manifest=q(r.manifest),
-                partial=q(r.partial),
-                incoming=q(r.incoming),
-                size=len(data),
-                touch=touch,
-            ))
-            fifo = tmp / "stream"
-            os.mkfifo(fifo, 0o600)
-            # Our -e: send the manifest, then relay rsync's own stream.
-            rsh = ["sh", "-c", _RELAY, str(manifest_file), str(fifo), *rsh]
-        argv = self.argv(files_from, rsync_path=rsync_path, rsh=rsh, dry_run=dry_run, ignore_times=ignore_times)
-        return self._run(argv, tmp, total_bytes)
+            check = _CHECK_DIGEST.format(
+                manifest=q(r.manifest), needle=q(f'"digest": "{plan.expected_digest}"'), changed=q(_MARK_MANIFEST_CHANGED)
+            )
+        rsync_path = _wrapped(_RSYNC_WRAPPER.format(
+            missing=q(_MARK_RSYNC_MISSING), check=check, scratch=q(r.scratch), workdir=q(r.workdir),
+            manifest=q(r.manifest), partial=q(r.partial), incoming=q(r.incoming),
+            manifest_size=len(blobs[0]), delete_size=len(blobs[1]), force_size=len(blobs[2]), rmdir_size=len(blobs[3]),
+        ))
+        head = tmp / "head"
+        head.write_bytes(b"".join(blobs))
+        fifo = tmp / "stream"
+        os.mkfifo(fifo, 0o600)
+        rsh = ["sh", "-c", _RELAY, str(head), str(fifo), *self.conn.ssh_argv()]
+        total = sum(plan.new_manifest.entries[p].size for p in plan.send if p in plan.new_manifest.entries)
+        return self._run(self.argv(files_from, rsync_path=rsync_path, rsh=rsh), tmp, total)
 
-    def _run(self, argv: list[str], tmp: Path, total_bytes: int) -> _RsyncOutcome:
-        outcome = _RsyncOutcome()
-        stderr_path = tmp / "stderr"
-        progress = _Progress(self.console, total_bytes)
-        with open(stderr_path, "wb") as stderr_file, progress:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL)
-            assert proc.stdout is not None
-            stats_text = _consume_rsync_output(proc.stdout, outcome, progress)
-            code = proc.wait()
-        stderr = stderr_path.read_text("utf-8", "replace")
-        if code == 0:
-            outcome.bytes_sent = _stat_int(stats_text, "Total bytes sent")
+    def dry_run(self, tmp: Path, send: Sequence[str]) -> RsyncOutcome:
+        files_from = tmp / "files-from"
+        files_from.write_bytes(_nul_list(send))
+        q = shlex.quote
+        rsync_path = _wrapped(_DRY_RUN_WRAPPER.format(missing=q(_MARK_RSYNC_MISSING)))
+        argv = self.argv(files_from, rsync_path=rsync_path, rsh=self.conn.ssh_argv(), dry_run=True)
+        return self._run(argv, tmp, 0)
+
+    def _run(self, argv: list[str], tmp: Path, total_bytes: int) -> RsyncOutcome:
+        with Progress(self.console, total_bytes, "sync") as progress:
+            outcome = run_rsync(argv, progress=progress, stderr_path=tmp / "stderr")
+        code, stderr = outcome.exit_code, outcome.stderr
+        if code in (0, _RSYNC_VANISHED):
             return outcome
         if _MARK_RSYNC_MISSING in stderr or code == 127:
             raise _RsyncMissing()
         if _MARK_MANIFEST_CHANGED in stderr:
             raise _ManifestChanged()
-        if code in _RSYNC_LINK_FAILURES:
-            raise _LinkFailed(_last_line(stderr) or f"rsync exited {code}")
+        if code in RSYNC_LINK_FAILURES:
+            raise LinkFailed(last_line(stderr) or f"rsync exited {code}")
         raise SyncError(
-            f"rsync to {self.conn.describe()} failed (exit {code}): {_last_line(stderr) or 'no message'}"
+            f"rsync to {self.conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
             " — fix the cause and run sync again"
         )
-
-
-def _consume_rsync_output(stream: IO[bytes], outcome: _RsyncOutcome, progress: "_Progress") -> str:
-    """Read rsync's stdout: itemized lines, progress2 updates (\\r-separated), --stats."""
-    stats: list[str] = []
-    buffer = b""
-    in_stats = False
-    while True:
-        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)  # type: ignore[attr-defined]
-        if not chunk:
-            break
-        buffer += chunk
-        *pieces, buffer = re.split(rb"[\r\n]", buffer)
-        for raw in pieces:
-            in_stats = _handle_line(raw.decode("utf-8", "replace"), outcome, progress, stats, in_stats)
-    if buffer:
-        _handle_line(buffer.decode("utf-8", "replace"), outcome, progress, stats, in_stats)
-    return "\n".join(stats)
-
-
-_PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s")
-_ITEM = re.compile(r"^([<>ch.*][fdLDS+.][^ ]{7,9}|\*deleting) +(.*)$")
-
-
-def _handle_line(line: str, outcome: _RsyncOutcome, progress: "_Progress", stats: list[str], in_stats: bool) -> bool:
-    if not line.strip():
-        return in_stats
-    if in_stats or line.startswith("Number of files:"):
-        stats.append(line)
-        return True
-    match = _PROGRESS.match(line)
-    if match:
-        progress.update(int(match.group(1).replace(",", "")))
-        return False
-    item = _ITEM.match(line)
-    if item:
-        code, name = item.group(1), item.group(2)
-        if code.startswith("*deleting"):
-            outcome.deleted += 1
-            outcome.changes.append(f"- {name}")
-        elif code[1] in "fL" and code[0] in "<>ch":
-            outcome.transferred += 1
-            new = code[2:].startswith("+")
-            outcome.changes.append(f"{'+' if new else '~'} {name}")
-    return False
-
-
-def _stat_int(stats: str, label: str) -> int:
-    match = re.search(rf"^{re.escape(label)}: ([\d,]+)", stats, re.MULTILINE)
-    return int(match.group(1).replace(",", "")) if match else 0
 
 
 def _push_with_retries(
@@ -574,34 +492,30 @@ def _push_with_retries(
             base, remote_paths = _read_remote_base(conn, pusher.remote)
             known_paths |= remote_paths
             full_list = True
+        send, delete, _ = _plan(current, base, known_paths, full_list)
+        with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
+            outcome = pusher.dry_run(Path(tmp_name), send)
+        result.transferred = outcome.transferred
+        result.deleted = len(delete)
+        result.changes = sorted(outcome.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
+        return
     for attempt in range(1, TRANSFER_ATTEMPTS + 1):
-        listed, forced = _plan(current, base, known_paths, full_list)
-        listed_bytes = sum(current.entries[p].size for p in listed if p in current.entries)
-        inline = len(" ".join(shlex.quote(p) for p in forced)) <= _MAX_INLINE_FORCED
+        send, delete, force = _plan(current, base, known_paths, full_list)
+        plan = _Plan(
+            send=tuple(send), delete=tuple(delete), force=tuple(force), new_manifest=current,
+            expected_digest=base.digest if base is not None else None, check=check,
+        )
         try:
             with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
-                tmp = Path(tmp_name)
-                outcome = pusher.push(
-                    tmp, listed,
-                    new_manifest=None if dry_run else current,
-                    expected_digest=base.digest if base is not None else None,
-                    check=check, forced=forced if inline else (), dry_run=dry_run, total_bytes=listed_bytes,
-                )
-                if forced and not inline and not dry_run:
-                    extra = pusher.push(
-                        tmp, forced, new_manifest=None, expected_digest=None, check=False, forced=forced,
-                        dry_run=False, total_bytes=sum(current.entries[p].size for p in forced),
-                    )
-                    outcome.transferred += extra.transferred
-                    outcome.bytes_sent += extra.bytes_sent
-        except (_ManifestChanged, _LinkFailed) as exc:
-            if isinstance(exc, _LinkFailed):
+                outcome = pusher.push(Path(tmp_name), plan)
+        except (_ManifestChanged, LinkFailed) as exc:
+            if isinstance(exc, LinkFailed):
                 if attempt == TRANSFER_ATTEMPTS:
                     raise SyncError(
                         f"sync to {conn.describe()} failed: the connection broke ({exc.detail}); "
                         "run sync again when the machine answers — an interrupted sync is always completed"
                     ) from None
-                _wait_for_node(conn)
+                wait_for_node(conn)
             # The node does not hold what we believed, or what happened before the break
             # is unknown: compare every file against what the node's manifests say.
             base, remote_paths = _read_remote_base(conn, pusher.remote)
@@ -610,10 +524,14 @@ def _push_with_retries(
             check = False
             continue
         result.transferred = outcome.transferred
-        result.deleted = outcome.deleted
+        result.deleted = len(delete)
         result.bytes_sent = outcome.bytes_sent
-        result.changes = outcome.changes
-        if not dry_run:
+        result.changes = sorted(outcome.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
+        if outcome.exit_code == _RSYNC_VANISHED:
+            # Files vanished locally while shipping: leave the local record alone so the
+            # next sync compares against the node's manifest and settles them.
+            result.warnings.append("some files changed or vanished while syncing: run sync again")
+        else:
             state.write_synced(current)
         return
     raise SyncError(f"sync to {conn.describe()} did not converge after {TRANSFER_ATTEMPTS} attempts: run it again")
@@ -621,22 +539,16 @@ def _push_with_retries(
 
 def _plan(
     current: Manifest, base: Manifest | None, known_paths: set[str], full_list: bool
-) -> tuple[list[str], list[str]]:
-    """The paths to hand rsync (changed, plus shipped-before-and-gone for deletion) and
-    the files whose content changed behind rsync's quick check."""
+) -> tuple[list[str], list[str], list[str]]:
+    """(paths for rsync to compare and ship, paths to delete on the node, files whose
+    content changed behind rsync's quick check)."""
     gone = {p for p in known_paths if p not in current.entries}
     if base is None:
-        return sorted({*current.entries, *gone}), []
+        return sorted(current.entries), sorted(gone), []
     change = diff(current, base)
     gone.update(change.removed)
-    listed = set(current.entries) if full_list else set(change.changed)
-    return sorted(listed | gone), list(change.forced)
-
-
-def _wait_for_node(conn: "Connection") -> None:
-    """Block until the node answers SSH again (the connection's own retry budget)."""
-    conn.close()
-    conn.connect()
+    send = set(current.entries) if full_list else set(change.changed)
+    return sorted(send), sorted(gone), list(change.forced)
 
 
 # --- tar fallback ---------------------------------------------------------------------------
@@ -723,13 +635,13 @@ def _push_tar(
         try:
             sent = _stream_tar(conn, workdir, current, sorted(known), script, console)
             break
-        except _LinkFailed as failure:
+        except LinkFailed as failure:
             if attempts >= TRANSFER_ATTEMPTS:
                 raise SyncError(
                     f"sync to {conn.describe()} failed: the connection broke ({failure.detail}); "
                     "the node's workdir is unchanged — run sync again"
                 ) from None
-            _wait_for_node(conn)
+            wait_for_node(conn)
     result.transferred = len(change.changed)
     result.deleted = len(removed)
     result.bytes_sent = sent
@@ -755,10 +667,10 @@ def _stream_tar(
     try:
         channel = conn.exec_channel(f"sh -c {shlex.quote(script)}")
     except TargetUnreachable as exc:
-        raise _LinkFailed(str(exc)) from None
+        raise LinkFailed(str(exc)) from None
     writer = _ChannelWriter(channel)
     stderr_chunks: list[bytes] = []
-    progress = _Progress(console, current.total_bytes)
+    progress = Progress(console, current.total_bytes, "sync")
     try:
         with progress:
             buffered = io.BufferedWriter(writer, buffer_size=1 << 20)  # type: ignore[arg-type]
@@ -789,15 +701,15 @@ def _stream_tar(
                 stderr_chunks.append(channel.recv_stderr(65536))
             code = channel.recv_exit_status()
     except (OSError, EOFError) as exc:
-        raise _LinkFailed(str(exc) or type(exc).__name__) from None
+        raise LinkFailed(str(exc) or type(exc).__name__) from None
     finally:
         channel.close()
     if code == -1:
-        raise _LinkFailed("the connection closed before the node finished")
+        raise LinkFailed("the connection closed before the node finished")
     if code != 0:
         stderr = b"".join(stderr_chunks).decode("utf-8", "replace")
         raise SyncError(
-            f"extracting the tar stream on {conn.describe()} failed (exit {code}): {_last_line(stderr) or 'no message'}"
+            f"extracting the tar stream on {conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
             " — the node's workdir is unchanged"
         )
     return writer.sent
@@ -845,95 +757,3 @@ def _add_bytes(archive: "object", name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))  # type: ignore[attr-defined]
 
 
-# --- output ---------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A rich progress bar for one transfer, shown only on a terminal console."""
-
-    def __init__(self, console: "Console | None", total: int) -> None:
-        self.console = console
-        self.total = max(total, 1)
-        self._bar = None
-        self._task = None
-
-    def __enter__(self) -> "_Progress":
-        if self.console is not None and self.console.is_terminal:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-            self._bar = Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                console=self.console, transient=True,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("sync", total=self.total)
-        return self
-
-    def update(self, done: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=min(done, self.total))  # type: ignore[arg-type]
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-
-
-def _say(console: "Console | None", message: str, markup: bool = True) -> None:
-    if console is not None:
-        console.print(message, markup=markup, highlight=False)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"  # pragma: no cover
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def _rsh_string(argv: Sequence[str]) -> str:
-    """rsync splits -e on spaces and honours single and double quotes (no backslashes)."""
-    out = []
-    for arg in argv:
-        if arg and not re.search(r"[\s'\"\\]", arg):
-            out.append(arg)
-        elif "'" not in arg:
-            out.append(f"'{arg}'")
-        elif '"' not in arg and "\\" not in arg:
-            out.append(f'"{arg}"')
-        else:
-            raise SyncError(f"cannot pass {arg!r} to rsync's remote shell: move the project to a simpler path")
-    return " ".join(out)
-
-
-def _wants_compression(host: str) -> bool:
-    """Compress on real networks; on loopback (the local target) compression only costs CPU."""
-    setting = os.environ.get(ENV_COMPRESS, "auto").strip().lower()
-    if setting in ("1", "yes", "true", "on"):
-        return True
-    if setting in ("0", "no", "false", "off"):
-        return False
-    return not _is_loopback(host)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if host == "localhost":
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
-
-
-__all__ = ["SyncResult", "sync", "shipped_excludes", "TrainstackError"]

@@ -1,0 +1,470 @@
+"""Sync against the local target: a real sshd on 127.0.0.1, real rsync, real tar over paramiko."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainstack import contract
+from trainstack.connection import Connection
+from trainstack.errors import TrainstackError
+from trainstack.local import LocalTarget
+from trainstack.manifest import Manifest
+from trainstack.selection import select_files
+from trainstack.stack import Target
+from trainstack.sync import _read_remote_header, _RemoteLayout, sync
+
+GIT_ENV = {
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.invalid",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.invalid",
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name, value in GIT_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TRAINSTACK_SYNC_TRANSPORT", raising=False)
+
+
+@pytest.fixture
+def rsync_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A log of every local rsync invocation (a wrapper ahead of the real rsync on PATH)."""
+    real = shutil.which("rsync")
+    assert real is not None
+    bindir = tmp_path / "rsync-wrapper"
+    bindir.mkdir()
+    log = tmp_path / "rsync-calls.log"
+    log.write_text("")
+    wrapper = bindir / "rsync"
+    wrapper.write_text(f'#!/bin/sh\necho call >> "{log}"\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return log
+
+
+def write(root: Path, rel: str, content: bytes | str = b"x", mode: int | None = None) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    if mode is not None:
+        path.chmod(mode)
+    return path
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def remote_workdir(target: Target) -> Path:
+    return Path(target.outputs.remote_root) / contract.Remote.WORKDIR
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Every file and symlink under `root` (never following links): content, exec bit, link target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in list(dirnames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if rel in skip:
+                dirnames.remove(name)
+            elif os.path.islink(full):
+                out[rel] = ("link", os.readlink(full))
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if os.path.islink(full):
+                out[rel] = ("link", os.readlink(full))
+            else:
+                st = os.lstat(full)
+                out[rel] = ("file", Path(full).read_bytes(), bool(st.st_mode & stat.S_IXUSR))
+    return out
+
+
+def in_flight(target: Target, name: str) -> bool:
+    """Whether rsync is writing `name` on the node (its temporary file exists)."""
+    scratch = Path(target.outputs.remote_root) / ".trainstack-sync.tmp"
+    return any(scratch.glob(f"*/{name}.*"))
+
+
+def expected_remote(target: Target) -> dict[str, tuple]:
+    workdir = target.require_workdir()
+    local = snapshot(workdir)
+    return {rel: local[rel] for rel in select_files(workdir, exclude=target.results).paths}
+
+
+def build_project(root: Path, outside: Path) -> None:
+    write(root, ".gitignore", "*.log\n!keep.log\ndata/\ncache/*\n!cache/keep.txt\n")
+    write(root, "train.py", "print('train')\n")
+    write(root, "run.sh", "#!/bin/sh\necho run\n", mode=0o755)
+    write(root, "keep.log", "kept\n")
+    write(root, "noise.log", "ignored\n")
+    write(root, "data/shard.bin", os.urandom(2048))
+    write(root, "cache/blob", "ignored")
+    write(root, "cache/keep.txt", "re-included")
+    write(root, "pkg/.gitignore", "*.tmp\n")
+    write(root, "pkg/model.py", "class M: ...\n")
+    write(root, "pkg/scratch.tmp", "ignored")
+    write(root, "pkg/deep/.gitignore", "!*.tmp\n")
+    write(root, "pkg/deep/wanted.tmp", "re-included by a deeper .gitignore")
+    write(root, "with space/ünïcödé file.py", "# unicode\n")
+    write(root, "-leading-dash.py", "# dash\n")
+    write(root, "odd\nname.txt", "newline in the name\n")
+    write(root, "__pycache__/x.cpython-311.pyc", b"\0pyc")
+    write(root, ".venv/lib/site.py", "venv")
+    write(root, "results/local-only.json", "{}")  # results dirs are never shipped
+    write(outside, "secret/credentials", "must never be shipped")
+    os.symlink(outside / "secret", root / "outside-link")
+    os.symlink("train.py", root / "alias.py")
+
+
+def test_first_sync_ships_exactly_the_selection(local_target: Target, connection: Connection, tmp_path: Path) -> None:
+    workdir = local_target.require_workdir()
+    build_project(workdir, tmp_path / "outside")
+    result = sync(local_target, connection)
+
+    remote = snapshot(remote_workdir(local_target))
+    assert remote == expected_remote(local_target)
+    for shipped in ("keep.log", "cache/keep.txt", "pkg/deep/wanted.tmp", "with space/ünïcödé file.py",
+                    "-leading-dash.py", "odd\nname.txt", "outside-link", "alias.py"):
+        assert shipped in remote, shipped
+    for left_out in ("noise.log", "data/shard.bin", "cache/blob", "pkg/scratch.tmp", ".venv/lib/site.py",
+                     "__pycache__/x.cpython-311.pyc", "results/local-only.json"):
+        assert left_out not in remote, left_out
+    # The symlink is shipped as a link; what it points to outside the tree is not.
+    assert remote["outside-link"] == ("link", str(tmp_path / "outside" / "secret"))
+    assert not any(rel.startswith("outside-link/") for rel in remote)
+    assert remote["run.sh"][2] is True  # the executable bit survives
+    assert result.transport == "rsync" and not result.noop
+    assert result.files == len(remote) and result.transferred == len(remote)
+    assert result.bytes_sent > 0
+
+
+def test_git_repository_ships_gits_view(local_target: Target, connection: Connection) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, ".gitignore", "*.ckpt\nscratch/\n")
+    write(workdir, "train.py", "print(1)\n")
+    write(workdir, "tracked.ckpt", "tracked although ignored: git lists it")
+    write(workdir, "model.ckpt", "ignored")
+    write(workdir, "scratch/tmp.txt", "ignored")
+    write(workdir, "untracked.py", "not yet added: still shipped")
+    git(workdir, "init", "-q")
+    git(workdir, "add", "-f", ".gitignore", "train.py", "tracked.ckpt")
+    git(workdir, "commit", "-qm", "init")
+    sync(local_target, connection)
+    remote = snapshot(remote_workdir(local_target))
+    listed = set(git(workdir, "ls-files", "-z", "-co", "--exclude-standard").split("\0")) - {""}
+    assert set(remote) == listed == {".gitignore", "train.py", "tracked.ckpt", "untracked.py"}
+    assert ".git" not in remote and not any(rel.startswith(".git/") for rel in remote)
+
+
+def test_noop_sync_does_not_run_rsync(local_target: Target, connection: Connection, rsync_calls: Path) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    write(workdir, "pkg/b.py", "b")
+    sync(local_target, connection)
+    assert rsync_calls.read_text().count("call") == 1
+    before = {p: p.stat().st_mtime_ns for p in remote_workdir(local_target).rglob("*")}
+
+    os.utime(workdir / "a.py")  # touched, not changed: still nothing to ship
+    result = sync(local_target, connection)
+    assert result.noop and result.bytes_sent == 0 and result.transferred == 0
+    assert rsync_calls.read_text().count("call") == 1  # rsync was not started at all
+    assert {p: p.stat().st_mtime_ns for p in remote_workdir(local_target).rglob("*")} == before
+    assert "already in sync" in result.summary()
+
+
+def test_changed_content_with_same_size_and_mtime_is_synced(
+    local_target: Target, connection: Connection, rsync_calls: Path
+) -> None:
+    workdir = local_target.require_workdir()
+    path = write(workdir, "config.yaml", "lr: 0.001\n")
+    write(workdir, "other.py", "unchanged")
+    sync(local_target, connection)
+    st = path.stat()
+    path.write_text("lr: 0.009\n")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    # rsync's own quick check would skip it: proof that the manifest is what catches it.
+    quick = subprocess.run(
+        ["rsync", "-rlptn", "--itemize-changes", f"{workdir}/", f"{remote_workdir(local_target)}/"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "config.yaml" not in quick.stdout
+
+    result = sync(local_target, connection)
+    assert (remote_workdir(local_target) / "config.yaml").read_text() == "lr: 0.009\n"
+    assert result.transferred == 1
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+def test_deletions_propagate_but_results_and_node_files_are_untouched(
+    local_target: Target, connection: Connection
+) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "keep.py", "keep")
+    write(workdir, "gone.py", "to delete")
+    write(workdir, "olddir/a.py", "a")
+    write(workdir, "olddir/sub/b.py", "b")
+    write(workdir, "becomes-ignored.txt", "shipped once")
+    sync(local_target, connection)
+
+    remote = remote_workdir(local_target)
+    write(remote, "results/metrics.json", '{"acc": 0.9}')
+    write(remote, "checkpoints/step-100.pt", b"\1" * 4096)
+    write(remote, "made-on-the-node.txt", "created by training, not by sync")
+    node_results = snapshot(remote / "results")
+    node_checkpoints = snapshot(remote / "checkpoints")
+
+    (workdir / "gone.py").unlink()
+    shutil.rmtree(workdir / "olddir")
+    write(workdir, ".gitignore", "becomes-ignored.txt\n")
+    write(workdir, "results/metrics.json", "a local file of the same name is never shipped")
+    write(workdir, "checkpoints/step-100.pt", "neither is this")
+    result = sync(local_target, connection)
+
+    after = snapshot(remote)
+    assert "gone.py" not in after and "olddir/a.py" not in after and "olddir/sub/b.py" not in after
+    assert "becomes-ignored.txt" not in after  # no longer in git's view of the tree
+    assert snapshot(remote / "results") == node_results
+    assert snapshot(remote / "checkpoints") == node_checkpoints
+    assert after["made-on-the-node.txt"][1] == b"created by training, not by sync"
+    assert {rel for rel in after if not rel.startswith(("results/", "checkpoints/"))} == {
+        "keep.py", ".gitignore", "made-on-the-node.txt",
+    }
+    assert result.deleted == 4
+
+
+def test_dry_run_lists_changes_and_changes_nothing(local_target: Target, connection: Connection) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    write(workdir, "b.py", "b")
+    sync(local_target, connection)
+    remote = remote_workdir(local_target)
+    before = snapshot(remote)
+    manifest_before = (Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST).read_bytes()
+
+    (workdir / "a.py").unlink()
+    write(workdir, "b.py", "bb")
+    write(workdir, "c.py", "c")
+    result = sync(local_target, connection, dry_run=True)
+    assert result.dry_run and not result.noop
+    assert sorted(result.changes) == ["+ c.py", "- a.py", "~ b.py"]
+    assert snapshot(remote) == before
+    assert (Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST).read_bytes() == manifest_before
+
+    # The real sync afterwards does what the dry run announced.
+    result = sync(local_target, connection)
+    assert sorted(result.changes) == ["+ c.py", "- a.py", "~ b.py"]
+    assert snapshot(remote) == expected_remote(local_target)
+
+
+def test_tar_fallback_produces_the_identical_tree(local_target: Target, connection: Connection, tmp_path: Path) -> None:
+    workdir = local_target.require_workdir()
+    build_project(workdir, tmp_path / "outside")
+    remote = remote_workdir(local_target)
+    write(remote, "results/metrics.json", "from an earlier run")
+    write(remote, "made-on-the-node.txt", "kept across the swap")
+
+    result = sync(local_target, connection, transport="tar")
+    assert result.transport == "tar"
+    after = snapshot(remote)
+    assert {k: v for k, v in after.items() if k not in ("results/metrics.json", "made-on-the-node.txt")} == (
+        expected_remote(local_target)
+    )
+    assert after["results/metrics.json"][1] == b"from an earlier run"
+    assert after["made-on-the-node.txt"][1] == b"kept across the swap"
+
+    # Changes and deletions through tar, then rsync takes over from the same manifest.
+    (workdir / "train.py").write_text("print('v2')\n")
+    (workdir / "keep.log").unlink()
+    result = sync(local_target, connection, transport="tar")
+    after = snapshot(remote, skip=("results",))
+    assert {k: v for k, v in after.items() if k != "made-on-the-node.txt"} == expected_remote(local_target)
+    assert not any(p.name.startswith(".workdir.") for p in remote.parent.iterdir())  # no swap leftovers
+    assert sync(local_target, connection).noop
+
+
+def test_tar_is_used_when_rsync_is_not_installed_here(
+    local_target: Target, connection: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    write(workdir, "sub/b.py", "b")
+    # A PATH with everything sync needs locally (ssh, git) but no rsync.
+    bindir = tmp_path / "no-rsync-bin"
+    bindir.mkdir()
+    for tool in ("ssh", "git", "sh"):
+        os.symlink(shutil.which(tool), bindir / tool)
+    monkeypatch.setenv("PATH", str(bindir))
+    result = sync(local_target, connection)
+    assert result.transport == "tar"
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+def test_tar_is_used_when_rsync_is_missing_on_the_node(
+    local_sshd: LocalTarget, local_target: Target, tmp_path: Path
+) -> None:
+    """A second sshd on the same target whose sessions get a PATH without rsync."""
+    bindir = tmp_path / "node-bin"
+    bindir.mkdir()
+    tools = ("sh", "bash", "mkdir", "mv", "rm", "rmdir", "dd", "cat", "head", "grep", "tar", "find", "sed", "sort",
+             "comm", "xargs", "dirname", "touch", "ls", "env", "true", "cp", "chmod", "id", "uname")
+    for tool in tools:
+        found = shutil.which(tool)
+        if found:
+            os.symlink(found, bindir / tool)
+    from trainstack.local import free_port
+
+    port = free_port()
+    config = local_sshd.sshd_config(0).read_text()
+    config = "\n".join(
+        f"Port {port}" if line.startswith("Port ")
+        else f"PidFile {tmp_path / 'sshd2.pid'}" if line.startswith("PidFile ")
+        else line
+        for line in config.splitlines()
+    ) + f"\nSetEnv PATH={bindir}\n"
+    config_path = tmp_path / "sshd_config.norsync"
+    config_path.write_text(config)
+    config_path.chmod(0o600)
+    from trainstack.local import find_sshd
+
+    subprocess.run([find_sshd(), "-f", str(config_path), "-E", str(tmp_path / "sshd2.log")], check=True)
+    try:
+        import dataclasses
+
+        node = dataclasses.replace(local_target.outputs.nodes[0], port=port)
+        outputs = dataclasses.replace(local_target.outputs, nodes=(node,))
+        target = dataclasses.replace(local_target, outputs=outputs, state_dir=tmp_path / "state-norsync")
+        workdir = target.require_workdir()
+        write(workdir, "a.py", "a")
+        write(workdir, "sub/b.py", "b")
+        with Connection(target, retry_seconds=10) as conn:
+            assert conn.run("command -v rsync || echo none").stdout.strip() == "none"
+            result = sync(target, conn)
+            assert result.transport == "tar"
+            assert snapshot(remote_workdir(target)) == expected_remote(target)
+            write(workdir, "c.py", "c")
+            assert sync(target, conn).transport == "tar"
+            assert snapshot(remote_workdir(target)) == expected_remote(target)
+            conn.stop_master()
+    finally:
+        pid = int((tmp_path / "sshd2.pid").read_text())
+        os.kill(pid, 15)
+
+
+def test_sshd_killed_during_sync_then_a_retry_completes(
+    local_sshd: LocalTarget, local_target: Target, tmp_path: Path
+) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "big.bin", os.urandom(6 * 1024 * 1024))
+    for i in range(50):
+        write(workdir, f"src/m{i}.py", f"# module {i}\n")
+    remote = remote_workdir(local_target)
+    layout = _RemoteLayout.of(local_target)
+
+    errors: list[BaseException] = []
+
+    def slow_sync() -> None:
+        try:
+            with Connection(local_target, retry_seconds=1) as conn:
+                sync(local_target, conn, bwlimit_kbps=1500)
+        except TrainstackError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=slow_sync)
+    worker.start()
+    deadline = time.monotonic() + 30
+    # Wait until rsync is writing big.bin on the node, then take the whole sshd down.
+    while time.monotonic() < deadline and not in_flight(local_target, "big.bin"):
+        time.sleep(0.05)
+    assert in_flight(local_target, "big.bin"), "the transfer never started"
+    local_sshd.stop_sshd(hard=True)
+    worker.join(60)
+    assert not worker.is_alive()
+    assert errors, "the sync should have failed while sshd was down"
+    assert "run sync again" in str(errors[0]) or "cannot reach" in str(errors[0])
+
+    local_sshd.start_sshd()
+    with Connection(local_target) as conn:
+        # The interrupted transfer is not mistaken for a finished one...
+        assert _read_remote_header(conn, layout) is None
+        result = sync(local_target, conn)
+        assert not result.noop
+        assert snapshot(remote) == expected_remote(local_target)
+        # ...and once complete, the next sync is a no-op again.
+        assert sync(local_target, conn).noop
+        conn.stop_master()
+    # The killed rsync's temporary file went with its scratch dir; nothing in the workdir.
+    assert not in_flight(local_target, "big.bin")
+
+
+def test_sshd_restarted_within_the_retry_window_completes_the_same_sync(
+    local_sshd: LocalTarget, local_target: Target
+) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "big.bin", os.urandom(4 * 1024 * 1024))
+    write(workdir, "train.py", "print(1)\n")
+    remote = remote_workdir(local_target)
+    results: list[object] = []
+
+    def slow_sync() -> None:
+        with Connection(local_target, retry_seconds=30) as conn:
+            results.append(sync(local_target, conn, bwlimit_kbps=1500))
+            conn.stop_master()
+
+    worker = threading.Thread(target=slow_sync)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not in_flight(local_target, "big.bin"):
+        time.sleep(0.05)
+    assert in_flight(local_target, "big.bin"), "the transfer never started"
+    local_sshd.restart_sshd(hard=True)
+    worker.join(90)
+    assert results, "the sync did not complete after sshd came back"
+    assert snapshot(remote) == expected_remote(local_target)
+
+
+def test_remote_manifest_is_the_local_one(local_target: Target, connection: Connection) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    sync(local_target, connection)
+    remote_manifest = Manifest.read(Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST)
+    assert remote_manifest is not None and set(remote_manifest.entries) == {"a.py"}
+    assert _read_remote_header(connection, _RemoteLayout.of(local_target)) == remote_manifest.digest
+
+
+def test_another_checkout_syncing_the_same_node_is_detected(
+    local_target: Target, connection: Connection, tmp_path: Path
+) -> None:
+    """The node's manifest changed behind this checkout's back: the full list is compared,
+    and deletions follow the node's manifest."""
+    import dataclasses
+
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    sync(local_target, connection)
+    other_code = tmp_path / "other-checkout"
+    write(other_code, "a.py", "a from elsewhere")
+    write(other_code, "only-there.py", "x")
+    other = dataclasses.replace(local_target, workdir=other_code, state_dir=tmp_path / "other-state")
+    sync(other, connection)
+
+    result = sync(local_target, connection)  # nothing changed locally, but the node did
+    assert not result.noop
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
