@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The whole workflow on the local target (a real sshd on 127.0.0.1), exactly as you would type it:
 # start the target, ship examples/, train, follow the log to the end, fetch the results, stop.
+# TRAINSTACK_DEMO_PROJECT runs it in another directory (state and fetched runs land there).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "$0")/.." && pwd)
+project=${TRAINSTACK_DEMO_PROJECT:-$repo}
+cd "$project"
 
-python=${TRAINSTACK_PYTHON:-.venv/bin/python}
+python=${TRAINSTACK_PYTHON:-$repo/.venv/bin/python}
 inv() {
   echo "+ invoke $*" >&2
-  "$python" -m invoke "$@"
+  "$python" -m invoke --search-root "$repo" "$@"
 }
 
 export TRAINSTACK_STACK=local
-export TRAINSTACK_WORKDIR=examples
+export TRAINSTACK_WORKDIR=$repo/examples
 
 cleanup() {
   inv local.down >/dev/null 2>&1 || true
@@ -28,7 +31,7 @@ inv status
 
 results=runs/local/$run_id
 echo
-echo "results of run $run_id are in $(pwd)/$results:"
+echo "results of run $run_id are in $project/$results:"
 find "$results" -maxdepth 2 | sort | sed 's/^/  /'
 trap - EXIT
 inv local.down

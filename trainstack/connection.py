@@ -47,8 +47,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CONTROL_PERSIST = 300
 KEEPALIVE_SECONDS = 15
 KEEPALIVE_COUNT = 4
-# sun_path holds 108 bytes; OpenSSH appends ".XXXXXXXXXXXXXXXX" while creating the socket.
-_MAX_SOCKET_PATH = 100
+# sun_path holds 107 characters and a NUL; OpenSSH first binds the path plus ".XXXXXXXXXXXXXXXX".
+_MAX_SOCKET_PATH = 107 - 17
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,12 @@ def show_status(target: Target) -> list[NodeStatus]:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one fact line per node, even in a narrow or piped terminal
     outputs = target.outputs
     header = f"stack [bold]{target.stack}[/]"
-    if outputs.instance_type:
+    if outputs.instance_type and not target.is_local:
         header += f" · {outputs.instance_type}" + (" (spot)" if outputs.spot else "")
-    if outputs.region:
+    if outputs.region and not target.is_local:
         header += f" · {outputs.region}"
     console.print(header)
     statuses = collect(target)
