@@ -283,3 +283,11 @@ def test_train_refuses_before_changing_anything(connection: Connection, local_ta
     run = runs.train(local_target, connection, command="echo hi", sync=lambda t, c: synced.append("sync"), env=["A=1"])
     assert synced == ["sync"]
     assert _follow(connection, run.run_id) == (0, b"hi\n")
+
+
+def test_train_uses_the_configured_command(connection: Connection, local_target) -> None:
+    import dataclasses
+
+    target = dataclasses.replace(local_target, command="echo from the stack file")
+    run = runs.train(target, connection, sync=None)
+    assert _follow(connection, run.run_id) == (0, b"from the stack file\n")

@@ -325,3 +325,14 @@ def test_local_up_and_down_tasks(venv_bin: Path, project_dir: Path) -> None:
     assert not local._alive(pid)
     again = invoke(venv_bin, project_dir, "local.down")
     assert again.returncode == 0 and "not running" in again.stderr
+
+
+def test_logs_into_a_closed_pipe_stop_quietly(venv_bin: Path, local_sshd, project_dir: Path) -> None:
+    proc = invoke(venv_bin, project_dir, "train", "-s", "local", "--no-sync", "--command", "seq 1 200000", "--follow")
+    assert proc.returncode == 0, proc.stderr
+    pipeline = subprocess.run(
+        f"{venv_bin / 'invoke'} --search-root {REPO} logs -s local | head -n 2",
+        shell=True, cwd=project_dir, env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert pipeline.stdout == "1\n2\n"
+    assert "Traceback" not in pipeline.stderr and "Exception" not in pipeline.stderr

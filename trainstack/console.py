@@ -50,5 +50,10 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             error("interrupted")
             raise SystemExit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`invoke logs | head`): stop quietly, like a killed `cat`.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise SystemExit(141) from None
 
     return wrapper  # type: ignore[return-value]
