@@ -12,7 +12,7 @@ from typing import Callable
 
 from trainstack import contract
 from trainstack.connection import Connection
-from trainstack.errors import BootstrapFailed, TargetUnreachable, WaitTimeout
+from trainstack.errors import AuthenticationFailed, BootstrapFailed, TargetUnreachable, WaitTimeout
 from trainstack.stack import Target
 
 Notify = Callable[[str], None]
@@ -43,6 +43,8 @@ def _wait_node(
     log_path = target.remote_path(contract.Remote.BOOTSTRAP_LOG)
     node = target.node(index)
     announced = False
+    if notify is not None:
+        notify(f"waiting for node {index} ({node.host}:{node.port})")
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -76,6 +78,12 @@ def _wait_node(
                         + _log_tail(conn, log_path)
                     )
                 time.sleep(poll)
+        except AuthenticationFailed:
+            # A machine still creating its user refuses the key for a moment; past the deadline
+            # the refusal itself is the most useful message.
+            if time.monotonic() + poll >= deadline:
+                raise
+            time.sleep(poll)
         except TargetUnreachable:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(
