@@ -64,3 +64,19 @@ def test_waits_for_ssh_to_come_up(local_target, local_sshd) -> None:
         assert wait_ready(local_target, timeout=30)[0]["status"] == "ok"
     finally:
         starter.join()
+
+
+def test_waits_while_the_key_is_not_installed_yet(local_target, local_sshd) -> None:
+    from trainstack.errors import AuthenticationFailed
+
+    keys = local_sshd.authorized_keys
+    content = keys.read_text()
+    keys.write_text("")
+    with pytest.raises(AuthenticationFailed, match="refused the stack's SSH key"):
+        wait_ready(local_target, timeout=1.5, poll=0.2)
+    restorer = threading.Timer(1.0, keys.write_text, args=(content,))
+    restorer.start()
+    try:
+        assert wait_ready(local_target, timeout=30, poll=0.2)[0]["status"] == "ok"
+    finally:
+        restorer.join()
