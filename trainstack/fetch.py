@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from trainstack.connection import Connection
+    from trainstack.runs import RunInfo
     from trainstack.stack import Target
 
 RUNS_DIRNAME = "runs"
@@ -117,17 +118,13 @@ def fetch(
     bwlimit_kbps: int | None = None,
 ) -> FetchResult:
     """Fetch the results dirs and the log of `run_id` (default: the latest run)."""
-    from trainstack.runs import show_run
-
     started = time.monotonic()
     mode = (transport or os.environ.get(ENV_TRANSPORT) or "auto").strip().lower()
     if mode not in ("auto", "rsync", "tar"):
         raise FetchError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
-    run = show_run(conn, run_id)
+    run, listing = survey(target, conn, run_id)
     destination = local_runs_root(target) / run.run_id
     result = FetchResult(run_id=run.run_id, destination=destination, run_active=run.active)
-
-    listing = list_remote(target, conn, run.run_id)
     record = _Record.load(Path(target.state_dir) / RECORD_FILE)
     result.files = len(listing)
     result.bytes_total = sum(f.size for f in listing.values())
@@ -186,7 +183,7 @@ def fetch(
 def unfetched_results(target: "Target", conn: "Connection") -> list[str]:
     """Files in the node's results dirs that no fetch has brought back in their current
     version (paths relative to the workdir). Empty when everything was fetched."""
-    listing = list_remote(target, conn, None)
+    _, listing = survey(target, conn, None, with_run=False)
     fetched = _Record.load(Path(target.state_dir) / RECORD_FILE).results
     return sorted(rel for rel, info in listing.items() if fetched.get(rel) != [info.size, info.mtime_ns])
 
@@ -194,32 +191,71 @@ def unfetched_results(target: "Target", conn: "Connection") -> list[str]:
 # --- the node's side ------------------------------------------------------------------------
 
 
-def list_remote(target: "Target", conn: "Connection", run_id: str | None) -> dict[str, RemoteFile]:
-    """Files and symlinks in the results dirs (as `results/...`) and, given a run, its
-    log (as `log`), with size and mtime; one round trip."""
+_SEPARATOR = b"\x1etrainstack-fetch\x1e\n"
+
+
+def survey(
+    target: "Target", conn: "Connection", run_id: str | None, *, with_run: bool = True
+) -> "tuple[RunInfo | None, dict[str, RemoteFile]]":
+    """In one round trip: the run (`run_id`, default the latest) as the job runner
+    describes it, and the files fetch would bring back — those in the results dirs
+    (as `results/...`) and the run's log (as `log`) — with size and mtime."""
+    from trainstack.errors import BootstrapFailed, NoSuchRun
+    from trainstack.runs import RunInfo, check_run_id, runner
+
     q = shlex.quote
-    workdir = target.remote_path(contract.Remote.WORKDIR)
-    parts = [f"cd {q(workdir)} 2>/dev/null || exit 0"]
+    parts = []
+    if with_run:
+        ask = ["show", check_run_id(run_id)] if run_id else ["latest"]
+        parts += [
+            f"r=$({shlex.join([runner(target), *ask])}); rc=$?",
+            "printf '%s\\n' \"$rc\" \"$r\"",
+            f"printf {q(_SEPARATOR.decode())}",
+            '[ "$rc" -eq 0 ] || exit 0',
+            "id=$(printf '%s' \"$r\" | cut -f1)",
+        ]
+    parts.append(f"cd {q(target.remote_path(contract.Remote.WORKDIR))} 2>/dev/null || exit 0")
     for rel in _results(target):
         # -H: a results dir that is itself a symlink (to a bigger volume) is followed;
         # links inside it are listed as links.
         parts.append(
-            f"if [ -e {q(rel)} ]; then find -H {q(rel)} \\( -type f -o -type l \\) -printf 'W %y %s %T@ %p\\0'; fi"
+            f"if [ -e {q(rel)} ]; then find -H {q(rel)} \\( -type f -o -type l \\) -printf '%y %s %T@ %p\\0'; fi"
         )
-    if run_id is not None:
-        log = target.remote_path(contract.Remote.RUNS, run_id, LOG_NAME)
-        parts.append(f"if [ -f {q(log)} ]; then find {q(log)} -maxdepth 0 -printf 'R %y %s %T@ {LOG_NAME}\\0'; fi")
-    code, out, err = remote_shell(conn, "; ".join(parts), error=FetchError)
+    if with_run:
+        log = q(target.remote_path(contract.Remote.RUNS)) + '/"$id"/' + LOG_NAME
+        parts.append(f"if [ -f {log} ]; then find {log} -maxdepth 0 -printf '%y %s %T@ {LOG_NAME}\\0'; fi")
+    code, out, err = remote_shell(conn, "\n".join(parts), error=FetchError)
     if code != 0:
         raise FetchError(f"listing the results on {conn.describe()} failed: {last_line(err) or f'exit {code}'}")
+
+    run = None
+    if with_run:
+        head, _, out = out.partition(_SEPARATOR)
+        lines = head.decode("utf-8", "replace").split("\n")
+        status = int(lines[0]) if lines[0].strip().isdigit() else -1
+        answer = "\n".join(lines[1:]).strip()
+        if status == 4:
+            raise NoSuchRun(
+                f"no run {run_id} on {conn.describe()}: see `invoke status` for the runs there"
+                if run_id
+                else f"no runs yet on {conn.describe()}: start one with `invoke train`"
+            )
+        if status == 127:
+            raise BootstrapFailed(
+                f"the job runner is missing on {conn.describe()} ({runner(target)}): the machine is not set "
+                "up yet — run `invoke wait`, or `invoke local.up` for the local target"
+            )
+        if status != 0 or not answer:
+            raise FetchError(f"reading the run on {conn.describe()} failed (exit code {status}): {answer or 'no answer'}")
+        run = RunInfo.parse(answer.splitlines()[-1])
+
     listing: dict[str, RemoteFile] = {}
     for record in out.split(b"\0"):
         if not record:
             continue
-        where, kind, size, mtime, name = record.split(b" ", 4)
-        rel = os.fsdecode(name)
-        listing[rel] = RemoteFile(kind.decode(), int(size), _mtime_ns(mtime.decode()))
-    return listing
+        kind, size, mtime, name = record.split(b" ", 3)
+        listing[os.fsdecode(name)] = RemoteFile(kind.decode(), int(size), _mtime_ns(mtime.decode()))
+    return run, listing
 
 
 def _results(target: "Target") -> list[str]:
@@ -300,56 +336,40 @@ def _fetch_rsync(
     console: "Console | None",
     bwlimit_kbps: int | None,
 ) -> int:
+    """One rsync run from the remote root; `/./` in each listed path marks where the
+    local path starts, so results and log land side by side in `destination`."""
     results, want_log = _split(wanted)
-    sources = []
-    if results:
-        sources.append((target.remote_path(contract.Remote.WORKDIR), results))
+    names = [f"{contract.Remote.WORKDIR}/./{rel}" for rel in results]
     if want_log:
-        sources.append((target.remote_path(contract.Remote.RUNS, run_id), [LOG_NAME]))
-    received = 0
+        names.append(f"{contract.Remote.RUNS}/{run_id}/./{LOG_NAME}")
     total = sum(listing[rel].size for rel in wanted)
+    received = 0
     with tempfile.TemporaryDirectory(prefix="trainstack-fetch-") as tmp_name, Progress(console, total, "fetch") as bar:
         tmp = Path(tmp_name)
-        done_before = 0
-        for source, paths in sources:
-            files_from = tmp / "files-from"
-            files_from.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in paths))
-            argv = _rsync_argv(conn, files_from, source, destination, bwlimit_kbps)
-            attempt = 0
-            while True:
-                attempt += 1
-                outcome = run_rsync(argv, progress=_Offset(bar, done_before), stderr_path=tmp / "stderr")  # type: ignore[arg-type]
-                received += outcome.bytes_received
-                if outcome.exit_code == 0:
-                    break
-                if _MARK_RSYNC_MISSING in outcome.stderr or outcome.exit_code == 127:
-                    raise _RsyncMissing()
-                if outcome.exit_code in RSYNC_LINK_FAILURES and attempt < TRANSFER_ATTEMPTS:
-                    # The partial file stays in PARTIAL_DIR; the next attempt resumes from it.
-                    wait_for_node(conn)
-                    continue
-                detail = last_line(outcome.stderr) or f"rsync exited {outcome.exit_code}"
-                if outcome.exit_code in RSYNC_LINK_FAILURES:
-                    raise FetchError(
-                        f"fetch from {conn.describe()} failed: the connection broke ({detail}); run fetch "
-                        "again — it resumes where it stopped"
-                    )
-                if outcome.exit_code == 24:
-                    break  # files vanished on the node while fetching: reported by _verify
-                raise FetchError(f"fetch from {conn.describe()} failed (exit {outcome.exit_code}): {detail}")
-            done_before += sum(listing[p].size for p in paths)
+        files_from = tmp / "files-from"
+        files_from.write_bytes(b"".join(os.fsencode(n) + b"\0" for n in names))
+        argv = _rsync_argv(conn, files_from, target.outputs.remote_root, destination, bwlimit_kbps)
+        for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+            outcome = run_rsync(argv, progress=bar, stderr_path=tmp / "stderr")
+            received += outcome.bytes_received
+            if outcome.exit_code == 0:
+                break
+            if _MARK_RSYNC_MISSING in outcome.stderr or outcome.exit_code == 127:
+                raise _RsyncMissing()
+            if outcome.exit_code in RSYNC_LINK_FAILURES and attempt < TRANSFER_ATTEMPTS:
+                # The partial file stays in PARTIAL_DIR; the next attempt resumes from it.
+                wait_for_node(conn)
+                continue
+            detail = last_line(outcome.stderr) or f"rsync exited {outcome.exit_code}"
+            if outcome.exit_code in RSYNC_LINK_FAILURES:
+                raise FetchError(
+                    f"fetch from {conn.describe()} failed: the connection broke ({detail}); run fetch "
+                    "again — it resumes where it stopped"
+                )
+            if outcome.exit_code == 24:
+                break  # files vanished on the node while fetching: reported by _verify
+            raise FetchError(f"fetch from {conn.describe()} failed (exit {outcome.exit_code}): {detail}")
     return received
-
-
-class _Offset:
-    """Progress of one rsync run within the bar of the whole fetch."""
-
-    def __init__(self, bar: Progress, offset: int) -> None:
-        self.bar = bar
-        self.offset = offset
-
-    def update(self, done: int) -> None:
-        self.bar.update(self.offset + done)
 
 
 def _rsync_argv(
@@ -363,6 +383,7 @@ def _rsync_argv(
     argv = [
         "rsync",
         f"--files-from={files_from}",  # exactly the files decided on; local edits are left out
+        "--no-implied-dirs",  # parents are created as needed; the node's dir attributes do not matter
         "--from0",  # NUL-separated: any file name
         "--links",  # symlinks inside results stay symlinks
         "--copy-dirlinks",  # a results dir that is a symlink on the node arrives as a directory
@@ -519,7 +540,7 @@ def _verify(
             mismatched.append(rel)
     if not mismatched:
         return []
-    now = list_remote(target, conn, run_id)
+    _, now = survey(target, conn, run_id)
     changing = [rel for rel in mismatched if now.get(rel) != listing[rel]]
     damaged = [rel for rel in mismatched if rel not in changing]
     if damaged:
