@@ -272,3 +272,61 @@ def test_down_of_the_local_target_checks_it_the_same_way(local_target, project_d
     lifecycle.down_experiment("local", project_dir, engine=engine, notify=lambda _: None)
     assert not local_sshd.is_up() and not local_sshd.root.exists()
     assert engine.calls == []  # the local target is not a Pulumi stack
+
+
+def run_to_end(project_dir: Path, stack: str, command: str) -> str:
+    from trainstack.connection import Connection
+    from trainstack.runs import show_run, start_run
+
+    target = resolve_target(stack, project_dir=project_dir)
+    with Connection(target) as conn:
+        run_id = start_run(conn, command).run_id
+        deadline = time.monotonic() + 30
+        while show_run(conn, run_id).active:
+            assert time.monotonic() < deadline, f"run {run_id} did not end"
+            time.sleep(0.1)
+    return run_id
+
+
+def real_fetch(target) -> None:
+    from trainstack.connection import Connection
+    from trainstack.fetch import fetch
+
+    with Connection(target) as conn:
+        fetch(target, conn)
+
+
+def test_down_refuses_results_never_fetched_and_fetches_them_on_request(exp1: RecordingEngine,
+                                                                         project_dir: Path) -> None:
+    run_to_end(project_dir, "exp1", "mkdir -p results checkpoints && echo 0.93 > results/metrics.txt"
+                                    " && head -c 4096 /dev/urandom > checkpoints/last.pt")
+    with pytest.raises(DestroyRefused, match=r"2 result file\(s\) on stack 'exp1' were never fetched "
+                                             r"\(checkpoints/last.pt, results/metrics.txt\).*--fetch.*--force"):
+        lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
+    assert exp1.calls == []
+
+    said: list[str] = []
+    report = lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=said.append, fetch=True,
+                                       fetcher=real_fetch)
+    assert report.fetched and report.destroyed
+    assert exp1.calls == [("destroy", "exp1")]
+    assert "fetching 2 result file(s) before destroying 'exp1'" in said
+    fetched = list((project_dir / "runs" / "exp1").glob("*/results/metrics.txt"))
+    assert [path.read_text() for path in fetched] == ["0.93\n"]
+
+
+def test_down_refuses_a_result_changed_since_the_last_fetch(exp1: RecordingEngine, project_dir: Path) -> None:
+    run_to_end(project_dir, "exp1", "mkdir -p results && echo first > results/metrics.txt")
+    real_fetch(resolve_target("exp1", project_dir=project_dir))
+
+    # Fetched: nothing would be lost.
+    from trainstack.connection import Connection
+
+    target = resolve_target("exp1", project_dir=project_dir)
+    with Connection(target) as conn:
+        assert lifecycle.unfetched_results(conn, target) == []
+
+    run_to_end(project_dir, "exp1", "echo second >> results/metrics.txt")
+    with pytest.raises(DestroyRefused, match=r"1 result file\(s\) on stack 'exp1' were never fetched \(results/metrics.txt\)"):
+        lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
+    assert exp1.calls == []

@@ -11,7 +11,6 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,34 +356,8 @@ def _unfetched_message(stack: str, missing: list[str], fetched: bool) -> str:
 # --- results not fetched yet --------------------------------------------------------------
 
 
-def remote_result_files(conn: Any, target: Target) -> dict[str, tuple[int, int]]:
-    """{path relative to the workdir: (size, mtime in whole seconds)} of every file in the
-    result dirs on node 0."""
-    workdir = target.remote_path(contract.Remote.WORKDIR)
-    dirs = " ".join(shlex.quote(entry.strip("/")) for entry in target.results if entry.strip("/"))
-    if not dirs:
-        return {}
-    script = (
-        f"cd {shlex.quote(workdir)} 2>/dev/null || exit 0; "
-        f"for d in {dirs}; do [ -d \"$d\" ] || continue; "
-        "find \"$d\" -type f -printf '%p\\t%s\\t%T@\\n'; done"
-    )
-    result = conn.run(script, timeout=60)
-    files: dict[str, tuple[int, int]] = {}
-    for line in result.stdout.splitlines():
-        path, _, rest = line.partition("\t")
-        size, _, mtime = rest.partition("\t")
-        if path and size.isdigit():
-            files[path] = (int(size), int(float(mtime or 0)))
-    return files
-
-
 def unfetched_results(conn: Any, target: Target) -> list[str]:
-    """Result files on the machine that the last fetch did not bring back as they are now."""
-    remote = remote_result_files(conn, target)
-    if not remote:
-        return []
-    from trainstack.fetch import last_fetched_files
+    """Result files on the machine that no fetch brought back in their current version."""
+    from trainstack import fetch
 
-    fetched = last_fetched_files(target) or {}
-    return sorted(path for path, stat in remote.items() if fetched.get(path) != stat)
+    return fetch.unfetched_results(target, conn)
