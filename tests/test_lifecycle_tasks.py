@@ -120,3 +120,26 @@ def test_status_shows_the_watchdogs_countdown(local_target, project_dir: Path, l
     line = next(line for line in status.stdout.splitlines() if line.startswith("auto-stop: "))
     # Written moments ago: 45 minutes, give or take the seconds this test took.
     assert line.startswith("auto-stop: idle stop in 44m") or line == "auto-stop: idle stop in 45m"
+
+
+def test_down_fetch_brings_results_back_then_destroys(local_target, project_dir: Path,
+                                                      local_sshd: LocalTarget) -> None:
+    import time
+
+    from trainstack.connection import Connection
+    from trainstack.runs import show_run, start_run
+
+    with Connection(local_target) as conn:
+        run = start_run(conn, "mkdir -p results && echo 0.97 > results/accuracy.txt")
+        while show_run(conn, run.run_id).active:
+            time.sleep(0.1)
+
+    refused = invoke(project_dir, "down", "-s", "local")
+    assert refused.returncode == 1
+    assert "1 result file(s) on stack 'local' were never fetched (results/accuracy.txt)" in one_line_error(refused)
+    assert local_sshd.is_up()
+
+    done = invoke(project_dir, "down", "-s", "local", "--fetch")
+    assert done.returncode == 0, done.stderr
+    assert (project_dir / "runs" / "local" / run.run_id / "results" / "accuracy.txt").read_text() == "0.97\n"
+    assert not local_sshd.is_up()
