@@ -328,7 +328,7 @@ def test_local_up_and_down_tasks(venv_bin: Path, project_dir: Path) -> None:
 
 
 def test_logs_into_a_closed_pipe_stop_quietly(venv_bin: Path, local_sshd, project_dir: Path) -> None:
-    proc = invoke(venv_bin, project_dir, "train", "-s", "local", "--no-sync", "--command", "seq 1 200000", "--follow")
+    proc = invoke(venv_bin, project_dir, "train", "-s", "local", "--no-sync", "--command", "seq 1 50000", "--follow")
     assert proc.returncode == 0, proc.stderr
     pipeline = subprocess.run(
         f"{venv_bin / 'invoke'} --search-root {REPO} logs -s local | head -n 2",
