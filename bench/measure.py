@@ -74,7 +74,11 @@ class Series:
         if not checked:
             return ""
         wrong = [s for s in checked if not s.correct]
-        return "yes" if not wrong else f"no: {wrong[0].problem}"
+        if not wrong:
+            return "yes"
+        # "4 missing (a, b …); 1 extra (c)" -> "no: 4 missing, 1 extra"; the paths are in the JSON.
+        counts = ", ".join(part.split(" (")[0] for part in wrong[0].problem.split("; "))
+        return f"no: {counts}" + (f" ({len(wrong)}/{len(checked)} runs)" if len(wrong) != len(checked) else "")
 
     def to_json(self) -> dict:
         return {

@@ -8,16 +8,16 @@ from pathlib import Path
 from bench.measure import Scenario, Series
 from bench.run import Outcome
 
-MB = 1_000_000
+MIB = 1024 * 1024
 
 
 def human_bytes(value: int | None) -> str:
     if value is None:
         return "–"
-    if value >= MB:
-        return f"{value / MB:.1f} MB"
-    if value >= 1000:
-        return f"{value / 1000:.1f} kB"
+    if value >= MIB:
+        return f"{value / MIB:.1f} MiB"
+    if value >= 1024:
+        return f"{value / 1024:.1f} KiB"
     return f"{value} B"
 
 
@@ -77,6 +77,8 @@ def print_rich(outcome: Outcome) -> None:
     from rich.table import Table
 
     console = Console()
+    if console.width < 150:
+        console = Console(width=150)  # a pipe or a narrow terminal: keep rows on one line
     table = Table(title=_title(outcome), show_lines=False)
     for header in HEADERS:
         table.add_column(header, overflow="fold")
@@ -124,7 +126,7 @@ def _md_table(headers: list[str], body: list[list[str]]) -> list[str]:
 def _title(outcome: Outcome) -> str:
     machine = outcome.machine
     return (
-        f"{outcome.shipped_files:,} files / {outcome.shipped_bytes / MB:.1f} MB shipped, "
+        f"{outcome.shipped_files:,} files / {outcome.shipped_bytes / MIB:.1f} MiB shipped, "
         f"{outcome.options.runs} runs per command, {machine.get('cpus', '?')} CPUs, "
         f"{outcome.started_at}, {outcome.seconds:.0f} s"
     )

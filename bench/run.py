@@ -36,7 +36,7 @@ from bench.target import Endpoint
 from bench.trainstack_cli import TrainstackCli
 from bench import tree
 
-MB = 1_000_000
+MIB = 1024 * 1024
 _TICK = re.compile(rb"tick (\d+) (\d+\.\d+)")
 
 
@@ -126,7 +126,7 @@ class Bench:
         expected = self.project.expected_tree()
         self.outcome.shipped_files = len(expected)
         self.outcome.shipped_bytes = sum(e.size for e in expected.values())
-        self.say(f"project: {len(expected):,} files shipped, {self.outcome.shipped_bytes / MB:.1f} MB "
+        self.say(f"project: {len(expected):,} files shipped, {self.outcome.shipped_bytes / MIB:.1f} MiB "
                  f"(generated in {time.monotonic() - started:.1f} s under {self.workspace})")
 
         self.cli = TrainstackCli(self.workspace, self.project.root)
@@ -195,9 +195,11 @@ class Bench:
                 "logs": self.log_latency,
                 "fetch": self.fetch_results,
             }
-            wanted = self.options.only or self.SCENARIOS
+            wanted = set(self.options.only or self.SCENARIOS)
+            if wanted - {"startup"}:
+                wanted.add("first-sync")  # the others start from a synced machine
             for name in self.SCENARIOS:
-                if name not in wanted and not (name == "first-sync"):
+                if name not in wanted:
                     continue
                 self.say(f"— {name}")
                 try:
@@ -376,7 +378,7 @@ class Bench:
 
     def big_file_change(self) -> Scenario:
         assert self.project is not None
-        scenario = Scenario(f"1 MB changed in the middle of a {self.spec.binary_mib[0]} MB file")
+        scenario = Scenario(f"1 MiB changed in the middle of a {self.spec.binary_mib[0]} MiB file")
         ours = scenario.add("invoke sync", "trainstack")
         rsync = scenario.add("rsync -az, .gitignore dir-merge", "baseline", "rsync")
         project = self.project
@@ -419,7 +421,9 @@ class Bench:
 
     def _run_ids(self) -> set[str]:
         runs = self.direct.remote(contract.Remote.RUNS)
-        return set(self._ssh(f"ls -1 {shlex.quote(runs)} 2>/dev/null; exit 0").split())
+        # Directories only: the runner also keeps a `current` symlink there.
+        listing = self._ssh(f"find {shlex.quote(runs)} -mindepth 1 -maxdepth 1 -type d -printf '%f\\n' 2>/dev/null; exit 0")
+        return set(listing.split())
 
     def _start_run(self, command: str) -> tuple[Sample, str]:
         before = self._run_ids()
@@ -544,7 +548,7 @@ class Bench:
     # --- fetch -------------------------------------------------------------------------------
 
     def fetch_results(self) -> Scenario:
-        scenario = Scenario(f"fetch {self.options.results_mib} MB of results")
+        scenario = Scenario(f"fetch {self.options.results_mib} MiB of results")
         ours = scenario.add("invoke fetch", "trainstack")
         rsync = scenario.add("rsync -az down", "baseline", "rsync")
         _, run_id = self._start_run(f"python3 scripts/write_results.py {self.options.results_mib}")
@@ -582,7 +586,7 @@ class Bench:
         scenario.reference = {ours.label: [rsync.label]}
         scenario.targets.append(Target("fetch ≥ 0.8× rsync's throughput", rsync.median / ours.median, 0.8,
                                        lower_is_better=False))
-        scenario.notes.append(f"{results_bytes / MB:.0f} MB in {len(remote_results)} files; throughput ratio = "
+        scenario.notes.append(f"{results_bytes / MIB:.0f} MiB in {len(remote_results)} files; throughput ratio = "
                               "rsync's time ÷ fetch's time")
         # Sync must still leave the (now large) results dirs alone.
         check_sample = self._sync_sample()
