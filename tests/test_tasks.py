@@ -135,10 +135,6 @@ def test_workflow_tasks_against_the_local_target(venv_bin: Path, project_with_co
 
 
 def test_fetch_task_brings_results_back(venv_bin: Path, project_with_code: Path, workdir: Path) -> None:
-    import trainstack.fetch
-
-    if not hasattr(trainstack.fetch, "fetch"):
-        pytest.skip("trainstack.fetch.fetch is not available yet")
     env = {"TRAINSTACK_STACK": "local", "TRAINSTACK_WORKDIR": str(workdir)}
     proc = invoke(venv_bin, project_with_code, "train", "--command", "python3 train.py", "--env", "GREETING=fetched", "--follow", **env)
     assert proc.returncode == 0, proc.stderr
