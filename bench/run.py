@@ -637,7 +637,9 @@ def _machine() -> dict:
         info["load_average"] = os.getloadavg()
     except OSError:
         pass
-    for tool, argv in (("rsync", ["rsync", "--version"]), ("ssh", ["ssh", "-V"])):
+    repo = str(Path(__file__).resolve().parent.parent)
+    for tool, argv in (("rsync", ["rsync", "--version"]), ("ssh", ["ssh", "-V"]),
+                       ("commit", ["git", "-C", repo, "describe", "--always", "--dirty"])):
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             info[tool] = (proc.stdout or proc.stderr).splitlines()[0].strip()
