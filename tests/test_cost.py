@@ -54,10 +54,11 @@ def test_summary_before_up_names_price_basis_and_limits() -> None:
               "trainstack:idleMinutes": 15, "trainstack:maxHours": "3"}
     spot = TABLE["p4d.24xlarge"]["spot"]
     assert cost.summary_before_up("big", config) == (
-        f"big: 2 × p4d.24xlarge spot, {cost.format_usd(2 * spot)}/h (spot estimate, "
-        f"{cost.format_rate(HourlyPrice(spot, ''))} per machine); stops after 15 min idle; "
-        f"at most 3 h (≤ {cost.format_usd(2 * spot * 3)})"
+        f"big: 2 × p4d.24xlarge spot, ${2 * spot:,.4g}/h (spot estimate, ${spot:,.4g}/h per machine); "
+        f"stops after 15 min idle; at most 3 h (≤ {cost.format_usd(2 * spot * 3)})"
     )
+    assert cost.summary_before_up("dev", {"trainstack:instanceType": "t3.micro"}).startswith(
+        "dev: 1 × t3.micro, $0.0104/h (on-demand); ")
     unknown = cost.summary_before_up("odd", {"trainstack:instanceType": "z9.huge"})
     assert "price unknown for z9.huge" in unknown and "trainstack:pricePerHour" in unknown
     assert "no auto-stop" in unknown

@@ -163,8 +163,7 @@ def test_up_prints_the_cost_then_caches_the_outputs(local_sshd: LocalTarget, pro
     outputs = lifecycle.up_experiment("exp1", project_dir, engine, said.append)
 
     assert engine.calls == [("up", "exp1")]
-    assert said[0] == ("exp1: 1 × g5.xlarge, $1.01/h (on-demand, $1.006/h per machine); "
-                       "stops after 30 min idle")
+    assert said[0] == "exp1: 1 × g5.xlarge, $1.006/h (on-demand); stops after 30 min idle"
     assert "Resources: 7 created" in said
     assert outputs.instance_type == "g5.xlarge"
     cached = read_outputs_cache(stack_state_dir(project_dir, "exp1"), "exp1")

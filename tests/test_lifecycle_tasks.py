@@ -73,7 +73,7 @@ def test_up_says_what_it_costs_before_calling_pulumi(project_dir: Path) -> None:
     proc = invoke(project_dir, "up", "-s", "exp1", env={"PATH": path})
     assert proc.returncode == 1
     summary = next(line for line in proc.stderr.splitlines() if line.startswith("exp1: "))
-    assert summary.startswith("exp1: 1 × p4d.24xlarge, $32.77/h (on-demand")
+    assert summary.startswith("exp1: 1 × p4d.24xlarge, $32.77/h (on-demand)")
     assert "stops after 15 min idle" in summary
     assert "pulumi CLI is not on PATH" in one_line_error(proc)
 

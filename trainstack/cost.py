@@ -114,7 +114,9 @@ def summary_before_up(stack: str, config: Mapping[str, Any]) -> str:
         cost = (f"price unknown for {instance_type} (set {CONFIG_PRICE_PER_HOUR} in "
                 f"Pulumi.{stack}.yaml to see the cost)")
     else:
-        cost = f"{format_usd(price.usd * nodes)}/h ({price.basis}, {format_rate(price)} per machine)"
+        total = format_rate(HourlyPrice(price.usd * nodes, price.basis))
+        each = f", {format_rate(price)} per machine" if nodes > 1 else ""
+        cost = f"{total} ({price.basis}{each})"
     limits = []
     if idle_minutes:
         limits.append(f"stops after {idle_minutes:g} min idle")
