@@ -161,3 +161,51 @@ def test_long_state_dir_uses_a_short_private_socket_dir(local_target, tmp_path: 
     assert len(str(path)) + len(".XXXXXXXXXXXXXXXX") <= 107
     assert path.parent.stat().st_uid == os.getuid()
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def _without_stack_key(target, tmp_path: Path):
+    """The same machine as a stack created with trainstack:sshPublicKey: no private key output."""
+    from trainstack.contract import Outputs, StackOutputs
+
+    own_key = tmp_path / "own_id"
+    own_key.write_bytes(target.key_file().read_bytes())
+    own_key.chmod(0o600)
+    raw = {k: v for k, v in target.outputs.raw.items() if k != Outputs.SSH_PRIVATE_KEY}
+    outputs = StackOutputs.parse(target.stack, raw)
+    return dataclasses.replace(target, outputs=outputs, state_dir=tmp_path / "state"), own_key
+
+
+def test_users_own_key_from_env(local_target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, own_key = _without_stack_key(local_target, tmp_path)
+    (tmp_path / "state").mkdir()
+    monkeypatch.setenv("TRAINSTACK_SSH_KEY", str(own_key))
+    assert target.key_file() == own_key
+    with Connection(target, control_persist=0) as conn:
+        assert conn.run("echo paramiko").stdout == "paramiko\n"
+        argv = conn.ssh_argv()
+        assert argv[argv.index("-i") + 1] == str(own_key)
+        proc = subprocess.run([*argv, conn.destination, "echo openssh"], capture_output=True, text=True, timeout=30)
+        assert (proc.returncode, proc.stdout) == (0, "openssh\n")
+
+
+def test_users_own_key_from_default_identity(local_target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainstack.errors import AuthenticationFailed
+
+    target, own_key = _without_stack_key(local_target, tmp_path)
+    (tmp_path / "state").mkdir()
+    monkeypatch.delenv("TRAINSTACK_SSH_KEY", raising=False)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert target.key_file() is None
+    with Connection(target, control_persist=0, retry_seconds=0) as conn:
+        assert "-i" not in conn.ssh_argv()
+        with pytest.raises(AuthenticationFailed):  # nothing in ~/.ssh, no agent: refused, not hung
+            conn.run("true")
+    # The user's usual key file answers for them. (OpenSSH reads ~ from the passwd entry, not
+    # $HOME, so only paramiko's side can be pointed at a scratch home here.)
+    (home / ".ssh" / "id_ed25519").write_bytes(own_key.read_bytes())
+    (home / ".ssh" / "id_ed25519").chmod(0o600)
+    with Connection(target, control_persist=0) as conn:
+        assert conn.run("echo default-key").stdout == "default-key\n"

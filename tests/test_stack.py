@@ -143,7 +143,7 @@ def test_unknown_stack_and_missing_outputs(fake_pulumi: Path, project_dir: Path)
     with pytest.raises(OutputsMissing, match="has no outputs yet"):
         resolve_target("exp1", project_dir=project_dir)
     fake_pulumi.write_text(json.dumps({"nodes": [{"host": "127.0.0.1"}], "ssh_user": "u", "remote_root": "/r"}))
-    with pytest.raises(OutputsMissing, match="missing the output 'ssh_private_key'"):
+    with pytest.raises(OutputsMissing, match="missing the output 'ssh_host_public_key'"):
         resolve_target("exp1", project_dir=project_dir)
 
 

@@ -189,21 +189,25 @@ class Connection:
         client = paramiko.SSHClient()
         client.load_host_keys(str(self.target.known_hosts_file()))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            key = paramiko.PKey.from_path(self.target.key_file())
-        except (paramiko.SSHException, OSError, ValueError) as exc:
-            raise AuthenticationFailed(
-                f"the private key of stack '{self.target.stack}' cannot be loaded ({exc}): "
-                "check the ssh_private_key output"
-            ) from None
+        key_path = self.target.key_file()
+        key = None
+        if key_path is not None:
+            try:
+                key = paramiko.PKey.from_path(key_path)
+            except (paramiko.SSHException, OSError, ValueError) as exc:
+                raise AuthenticationFailed(
+                    f"the private key of stack '{self.target.stack}' cannot be loaded ({exc}): "
+                    "check the ssh_private_key output"
+                ) from None
         try:
             client.connect(
                 self.host,
                 port=self.port,
                 username=self.user,
                 pkey=key,
-                allow_agent=False,
-                look_for_keys=False,
+                # Without a key of the stack's own, the user's agent and ~/.ssh/id_* speak for them.
+                allow_agent=key is None,
+                look_for_keys=key is None,
                 timeout=self.connect_timeout,
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,
@@ -223,6 +227,15 @@ class Connection:
                 f"{self.describe()} refused the stack's SSH key for user '{self.user}': check the "
                 "ssh_user / ssh_private_key outputs (`pulumi up` to reconcile)"
             ) from None
+        except paramiko.SSHException as exc:
+            client.close()
+            if key is None and "No authentication methods available" in str(exc):
+                raise AuthenticationFailed(
+                    f"no SSH key to offer {self.describe()}: stack '{self.target.stack}' uses your own "
+                    "public key (trainstack:sshPublicKey); load its private key into ssh-agent or set "
+                    "TRAINSTACK_SSH_KEY=/path/to/key"
+                ) from None
+            raise
         except BaseException:
             client.close()
             raise
@@ -373,11 +386,8 @@ class Connection:
         argv = [
             "ssh",
             "-F", "/dev/null",  # the user's ~/.ssh/config must not redirect or weaken this connection
-            "-i", str(self.target.key_file()),  # the stack's own key (0600)
             "-p", str(self.port),
             "-l", self.user,
-            "-o", "IdentitiesOnly=yes",  # offer only that key: agents with many keys trip MaxAuthTries
-            "-o", "IdentityAgent=none",
             "-o", f"UserKnownHostsFile={self.target.known_hosts_file()}",  # only the pinned host key
             "-o", "GlobalKnownHostsFile=/dev/null",  # system-wide entries must not vouch for it
             "-o", "StrictHostKeyChecking=yes",  # unknown or changed host key: refuse, never learn
@@ -389,6 +399,14 @@ class Connection:
             "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
             "-o", "LogLevel=ERROR",  # keep rsync/tar output free of ssh notices
         ]
+        key_path = self.target.key_file()
+        if key_path is not None:
+            argv[3:3] = [
+                "-i", str(key_path),  # the stack's own key (0600)
+                "-o", "IdentitiesOnly=yes",  # offer only that key: agents with many keys trip MaxAuthTries
+                "-o", "IdentityAgent=none",
+            ]
+        # else: a stack made with the user's own public key; their agent and default keys answer.
         if self.control_persist > 0:
             argv += [
                 "-o", "ControlMaster=auto",  # the first client becomes the master, later ones reuse it

@@ -27,7 +27,9 @@ class Outputs:
 
     NODES = "nodes"  # [{host, port, private_ip, instance_id}]
     SSH_USER = "ssh_user"
-    SSH_PRIVATE_KEY = "ssh_private_key"  # secret
+    # Secret. Empty when the stack was created with the user's own key (trainstack:sshPublicKey):
+    # the client then offers the user's agent and default keys, or the file in TRAINSTACK_SSH_KEY.
+    SSH_PRIVATE_KEY = "ssh_private_key"
     SSH_HOST_PUBLIC_KEY = "ssh_host_public_key"  # "ssh-ed25519 AAAA..." pinned by the client
     REMOTE_ROOT = "remote_root"
     INSTANCE_TYPE = "instance_type"
@@ -39,7 +41,7 @@ class Outputs:
     MAX_HOURS = "max_hours"
     PRICE_PER_HOUR = "price_per_hour"
 
-    REQUIRED = (NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT)
+    REQUIRED = (NODES, SSH_USER, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT)
     ALL = (
         NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT, INSTANCE_TYPE,
         REGION, SPOT, EXPERIMENT, RESULTS, IDLE_MINUTES, MAX_HOURS, PRICE_PER_HOUR,
@@ -137,9 +139,9 @@ class StackOutputs:
     stack: str
     nodes: tuple[Node, ...]
     ssh_user: str
-    ssh_private_key: str = field(repr=False)
     ssh_host_public_key: str
     remote_root: str
+    ssh_private_key: str = field(default="", repr=False)
     instance_type: str = ""
     region: str = ""
     spot: bool = False
@@ -163,7 +165,7 @@ class StackOutputs:
             stack=stack,
             nodes=tuple(Node.from_output(n) for n in raw[Outputs.NODES]),
             ssh_user=str(raw[Outputs.SSH_USER]),
-            ssh_private_key=str(raw[Outputs.SSH_PRIVATE_KEY]),
+            ssh_private_key=str(raw.get(Outputs.SSH_PRIVATE_KEY) or ""),
             ssh_host_public_key=str(raw[Outputs.SSH_HOST_PUBLIC_KEY]).strip(),
             remote_root=str(raw[Outputs.REMOTE_ROOT]),
             instance_type=str(raw.get(Outputs.INSTANCE_TYPE) or ""),

@@ -32,6 +32,8 @@ from trainstack.errors import (
 
 ENV_STACK = "TRAINSTACK_STACK"
 ENV_WORKDIR = "TRAINSTACK_WORKDIR"
+#: The private key to offer for a stack created with the user's own public key.
+ENV_SSH_KEY = "TRAINSTACK_SSH_KEY"
 STATE_DIRNAME = ".trainstack"
 OUTPUTS_CACHE = "outputs.json"
 KNOWN_HOSTS = "known_hosts"
@@ -83,9 +85,23 @@ class Target:
 
     # --- files OpenSSH (ssh, rsync -e ssh) reads -------------------------------------------
 
-    def key_file(self) -> Path:
-        """The stack's private key as a 0600 file (rewritten only when it changed)."""
-        return _write_private(self.state_dir / PRIVATE_KEY, _with_newline(self.outputs.ssh_private_key))
+    def key_file(self) -> Path | None:
+        """The private key to offer, or None for the user's agent and default keys.
+
+        The stack's generated key is written as a 0600 file (rewritten only when it changed).
+        A stack created with the user's own public key (trainstack:sshPublicKey) exports no
+        private key: then TRAINSTACK_SSH_KEY names the key file, else OpenSSH's and paramiko's
+        usual sources (agent, ~/.ssh/id_*) are offered. The host key stays pinned either way.
+        """
+        if self.outputs.ssh_private_key:
+            return _write_private(self.state_dir / PRIVATE_KEY, _with_newline(self.outputs.ssh_private_key))
+        named = os.environ.get(ENV_SSH_KEY)
+        if not named:
+            return None
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{ENV_SSH_KEY}={named} is not a file: point it at your SSH private key")
+        return path
 
     def known_hosts_file(self) -> Path:
         """A known_hosts holding only the pinned host key, one line per node."""
