@@ -4,8 +4,6 @@ Pulumi through a recorder and check the machine (the local target, over real SSH
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping
