@@ -68,9 +68,14 @@ class Manifest:
         """
         if self._digest is None:
             h = hashlib.sha256()
-            for path in sorted(self.entries):
-                e = self.entries[path]
-                h.update(json.dumps([path, e.kind, e.size, e.mode, e.digest]).encode("ascii") + b"\n")
+            entries = self.entries
+            # NUL cannot occur in a path, so NUL-separated fields are unambiguous.
+            h.update(b"".join(
+                b"%s\0%s\0%d\0%d\0%s\0" % (
+                    os.fsencode(path), e.kind.encode(), e.size, e.mode, e.digest.encode()
+                )
+                for path, e in ((p, entries[p]) for p in sorted(entries))
+            ))
             self._digest = h.hexdigest()
         return self._digest
 
@@ -111,6 +116,15 @@ class Manifest:
 
     def write(self, path: Path) -> None:
         _atomic_write(path, self.dumps())
+
+    @staticmethod
+    def read_digest(path: Path) -> str | None:
+        """The digest in the header of the manifest stored at `path` (reads one line)."""
+        try:
+            with open(path, "rb") as handle:
+                return header_digest(handle.readline())
+        except OSError:
+            return None
 
     @classmethod
     def read(cls, path: Path) -> "Manifest | None":

@@ -119,7 +119,7 @@ class _ShipFilter:
         ignore_file = root / IGNORE_FILE
         if ignore_file.is_file():
             lines += _read_lines(ignore_file)
-        self._spec = GitIgnoreSpec.from_lines(lines)
+        self._spec = _QuickSpec(GitIgnoreSpec.from_lines(lines))
         self._anchored = anchored
         self._dir_cache: dict[str, bool] = {}
 
@@ -138,7 +138,7 @@ class _ShipFilter:
             return True
         if any(rel == a or rel.startswith(a + "/") for a in self._anchored):
             return True
-        return bool(self._spec.check_file(rel + "/" if is_dir else rel).include)
+        return bool(self._spec.check(rel + "/" if is_dir else rel))
 
     def __call__(self, rel: str, is_dir: bool) -> bool:
         """True when `rel` is shipped (as far as this filter is concerned)."""
@@ -148,6 +148,21 @@ class _ShipFilter:
         if is_dir:
             return not self.excluded_dir(rel)
         return not self._excluded(rel, False)
+
+
+class _QuickSpec:
+    """A GitIgnoreSpec that answers "no pattern matches" (the usual case) with one
+    regex test per pattern, and asks the spec itself only when one does."""
+
+    def __init__(self, spec: object) -> None:
+        self.spec = spec
+        self.regexes = [p.regex for p in spec.patterns if p.include is not None]  # type: ignore[attr-defined]
+
+    def check(self, path: str) -> bool | None:
+        """True: excluded; False: re-included by a negation; None: no pattern matches."""
+        if not any(regex.match(path) for regex in self.regexes):
+            return None
+        return self.spec.check_file(path).include  # type: ignore[attr-defined]
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -187,10 +202,11 @@ def _git_listing(root: Path) -> list[str] | None:
         # ignored by an enclosing repository means it is a project of its own.
         return None
     out: list[str] = []
+    base = os.fspath(root)
     for name in names:
         rel = name.rstrip("/")
         try:
-            st = os.lstat(root / rel)
+            st = os.lstat(os.path.join(base, rel))
         except FileNotFoundError:
             continue  # tracked but deleted in the work tree
         if stat.S_ISDIR(st.st_mode):
@@ -213,7 +229,7 @@ def _workdir_is_ignored(root: Path) -> bool:
 # --- gitignore walk -------------------------------------------------------------------
 
 
-_Chain = tuple[tuple[str, object], ...]  # (directory prefix with trailing "/", GitIgnoreSpec)
+_Chain = tuple[tuple[str, "_QuickSpec"], ...]  # (directory prefix with trailing "/", its .gitignore)
 
 
 def _walk_gitignore(root: Path, keep: Callable[[str, bool], bool]) -> Iterator[str]:
@@ -222,9 +238,9 @@ def _walk_gitignore(root: Path, keep: Callable[[str, bool], bool]) -> Iterator[s
     def ignored(chain: _Chain, rel: str, is_dir: bool) -> bool:
         # The deepest .gitignore with a matching pattern decides (git's precedence).
         for base, spec in reversed(chain):
-            result = spec.check_file((rel[len(base):]) + ("/" if is_dir else ""))  # type: ignore[attr-defined]
-            if result.include is not None:
-                return bool(result.include)
+            verdict = spec.check((rel[len(base):]) + ("/" if is_dir else ""))  # type: ignore[attr-defined]
+            if verdict is not None:
+                return verdict
         return False
 
     def walk(rel_dir: str, chain: _Chain) -> Iterator[str]:
@@ -232,7 +248,7 @@ def _walk_gitignore(root: Path, keep: Callable[[str, bool], bool]) -> Iterator[s
         prefix = f"{rel_dir}/" if rel_dir else ""
         gitignore = here / GITIGNORE
         if gitignore.is_file() and not gitignore.is_symlink():
-            chain = chain + ((prefix, GitIgnoreSpec.from_lines(_read_lines(gitignore))),)
+            chain = chain + ((prefix, _QuickSpec(GitIgnoreSpec.from_lines(_read_lines(gitignore)))),)
         try:
             entries = sorted(os.scandir(here), key=lambda e: e.name)
         except OSError as exc:

@@ -39,6 +39,7 @@ import posixpath
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from trainstack.transfer import (
     RsyncOutcome,
     human,
     last_line,
+    read_remote_head,
     remote_shell,
     rsh_string,
     run_rsync,
@@ -140,22 +142,23 @@ def sync(
         raise SyncError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
 
     state = _LocalState(target, conn.node_index)
+    remote = _RemoteLayout.of(target)
+    last_digest = None if full else state.read_synced_digest()
+    probe = _HeaderProbe(conn, remote) if last_digest is not None else None
     selection = select_files(workdir, exclude=shipped_excludes(target))
     cache = HashCache(state.hash_cache_path, workdir)
     current, _ = scan(workdir, selection.paths, cache)
     cache.save()
-    last = None if full else state.read_synced()
-    remote = _RemoteLayout.of(target)
-
     result = SyncResult(files=len(current), bytes_total=current.total_bytes, dry_run=dry_run)
-    if last is not None and last.digest == current.digest:
-        header = _read_remote_header(conn, remote)
-        if header == last.digest:
+    node_digest = probe.result() if probe is not None else None
+    if last_digest is not None and last_digest == current.digest:
+        if node_digest == last_digest:
             result.noop = True
             result.seconds = time.monotonic() - started
             say(console, result.summary())
             return result
 
+    last = None if full else state.read_synced()
     local_rsync = shutil.which("rsync") is not None
     use_tar = mode == TRANSPORT_TAR or (mode == "auto" and not local_rsync)
     if mode == TRANSPORT_RSYNC and not local_rsync:
@@ -216,6 +219,9 @@ class _LocalState:
     def read_synced(self) -> Manifest | None:
         return Manifest.read(self.synced_path)
 
+    def read_synced_digest(self) -> str | None:
+        return Manifest.read_digest(self.synced_path)
+
     def write_synced(self, manifest: Manifest) -> None:
         manifest.write(self.synced_path)
 
@@ -253,8 +259,31 @@ class _RemoteLayout:
 
 def _read_remote_header(conn: "Connection", remote: _RemoteLayout) -> str | None:
     """The digest of the node's complete manifest, or None (missing, in progress, damaged)."""
-    code, out, _ = remote_shell(conn, f"head -n 1 {shlex.quote(remote.manifest)} 2>/dev/null; exit 0", error=SyncError)
-    return header_digest(out.decode("ascii", "replace").strip()) if code == 0 else None
+    head = read_remote_head(conn, remote.manifest, 1024)
+    return header_digest(head.split(b"\n", 1)[0]) if head else None
+
+
+class _HeaderProbe:
+    """Reads the node's manifest digest in the background while the local tree is
+    scanned, so a no-op sync costs one short exchange that overlaps local work."""
+
+    def __init__(self, conn: "Connection", remote: _RemoteLayout) -> None:
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(conn, remote), daemon=True)
+        self._thread.start()
+
+    def _run(self, conn: "Connection", remote: _RemoteLayout) -> None:
+        try:
+            self._digest = _read_remote_header(conn, remote)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+            self._error = exc
+
+    def result(self) -> str | None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest
 
 
 def _read_remote_base(conn: "Connection", remote: _RemoteLayout) -> tuple[Manifest | None, set[str]]:
