@@ -440,13 +440,29 @@ def test_sshd_restarted_within_the_retry_window_completes_the_same_sync(
     assert snapshot(remote) == expected_remote(local_target)
 
 
-def test_remote_manifest_is_the_local_one(local_target: Target, connection: Connection) -> None:
+def test_node_manifest_patched_in_place_equals_the_local_record(
+    local_target: Target, connection: Connection, rsync_calls: Path
+) -> None:
     workdir = local_target.require_workdir()
-    write(workdir, "a.py", "a")
+    for i in range(30):
+        write(workdir, f"pkg/m{i}.py", f"# {i}\n")
+    write(workdir, "ünï côdé/x y.py", "x")
+    node_manifest = Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST
+    local_record = Path(local_target.state_dir) / "sync" / "node0.manifest"
     sync(local_target, connection)
-    remote_manifest = Manifest.read(Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST)
-    assert remote_manifest is not None and set(remote_manifest.entries) == {"a.py"}
-    assert _read_remote_header(connection, _RemoteLayout.of(local_target)) == remote_manifest.digest
+    assert node_manifest.read_bytes() == local_record.read_bytes()
+
+    # Edits, additions and deletions travel as a patch of the node's manifest.
+    write(workdir, "pkg/m3.py", "# changed\n")
+    write(workdir, "pkg/new.py", "# new\n")
+    (workdir / "pkg" / "m7.py").unlink()
+    result = sync(local_target, connection)
+    assert node_manifest.read_bytes() == local_record.read_bytes()
+    assert result.bytes_sent < 2000  # a patch, not the whole manifest
+    parsed = Manifest.read(node_manifest)
+    assert parsed is not None and "pkg/new.py" in parsed.entries and "pkg/m7.py" not in parsed.entries
+    assert _read_remote_header(connection, _RemoteLayout.of(local_target)) == parsed.digest
+    assert sync(local_target, connection).noop
 
 
 def test_another_checkout_syncing_the_same_node_is_detected(

@@ -58,6 +58,7 @@ class Entry:
 class Manifest:
     entries: dict[str, Entry] = field(default_factory=dict)
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    _lines: list[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def digest(self) -> str:
@@ -86,28 +87,29 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def dumps(self) -> bytes:
+    def header_line(self) -> bytes:
         header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes}
-        lines = [json.dumps(header)]
-        for path in sorted(self.entries):
-            e = self.entries[path]
-            lines.append(json.dumps([path, e.kind, e.size, e.mtime_ns, e.mode, e.digest]))
-        # json.dumps escapes non-ASCII (and undecodable bytes kept as surrogates), so
-        # the file is plain ASCII whatever the file names are.
-        return ("\n".join(lines) + "\n").encode("ascii")
+        return json.dumps(header).encode("ascii") + b"\n"
+
+    def body_lines(self) -> list[bytes]:
+        """One line per entry, in byte order (the order `LC_ALL=C sort` gives on the node)."""
+        if self._lines is None:
+            self._lines = sorted(_entry_line(path, e) for path, e in self.entries.items())
+        return self._lines
+
+    def dumps(self) -> bytes:
+        return self.header_line() + b"".join(self.body_lines())
 
     @classmethod
     def loads(cls, data: bytes) -> "Manifest":
         """Parse a manifest; raises ValueError when it is damaged or of another format."""
-        lines = data.decode("ascii").splitlines()
-        if not lines:
-            raise ValueError("empty manifest")
-        header = json.loads(lines[0])
+        head, _, body = data.partition(b"\n")
+        header = json.loads(head)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError("unknown manifest format")
+        rows = json.loads(b"[" + b",".join(body.splitlines()) + b"]")
         entries = {}
-        for line in lines[1:]:
-            path, kind, size, mtime_ns, mode, digest = json.loads(line)
+        for path, kind, size, mtime_ns, mode, digest in rows:
             entries[path] = Entry(kind, int(size), int(mtime_ns), int(mode), str(digest))
         manifest = cls(entries)
         if manifest.digest != header.get("digest"):
@@ -133,6 +135,17 @@ class Manifest:
             return cls.loads(path.read_bytes())
         except (OSError, ValueError, TypeError, UnicodeDecodeError):
             return None
+
+
+def _entry_line(path: str, e: Entry) -> bytes:
+    # ensure_ascii escaping keeps the file plain ASCII whatever the file names are
+    # (undecodable bytes, kept as surrogates, included).
+    return b'[%s, "%s", %d, %d, %d, "%s"]\n' % (
+        _encode_string(path).encode("ascii"), e.kind.encode(), e.size, e.mtime_ns, e.mode, e.digest.encode()
+    )
+
+
+_encode_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def header_digest(line: bytes | str) -> str | None:

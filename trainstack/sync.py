@@ -326,9 +326,11 @@ class _ManifestChanged(Exception):
 
 
 # The remote end of a sync, run instead of plain `rsync` as `sh -c SCRIPT trainstack-sync
-# <server args>`. Its stdin starts with four blobs of known sizes (the new manifest; the
-# NUL-separated paths to delete, to reset the mtime of, and the directories to remove if
-# they became empty), then rsync's own stream. See the module docstring.
+# <server args>`. Its stdin starts with blobs of known sizes, then rsync's own stream:
+# the new manifest as a patch of the node's (its header line, the entry lines to drop,
+# the entry lines to add: a one-file edit sends two lines, not the whole manifest), and
+# the NUL-separated paths to delete, to force, and the dirs to remove if left empty.
+# Entry lines are kept in byte order, so `comm` and `sort -m` apply the patch.
 _RSYNC_WRAPPER = (
     "command -v rsync >/dev/null 2>&1 || {{ echo {missing} >&2; exit 127; }}; "
     "{check}"
@@ -340,8 +342,10 @@ _RSYNC_WRAPPER = (
     "for d in {scratch}/*; do [ -d \"$d\" ] || continue; kill -0 \"${{d##*/}}\" 2>/dev/null || rm -rf \"$d\"; done; "
     "s={scratch}/$$; mkdir \"$s\" || exit 1; "
     "if [ -f {manifest} ]; then mv -f {manifest} {partial} || exit 1; fi; "
-    "take {manifest_size} {incoming}; take {delete_size} \"$s/delete\"; "
-    "take {force_size} \"$s/force\"; take {rmdir_size} \"$s/rmdir\"; "
+    "take {header_size} \"$s/header\"; take {removed_size} \"$s/removed\"; take {added_size} \"$s/added\"; "
+    "take {delete_size} \"$s/delete\"; take {force_size} \"$s/force\"; take {rmdir_size} \"$s/rmdir\"; "
+    "tail -n +2 {patch_base} | LC_ALL=C comm -23 --nocheck-order - \"$s/removed\" "
+    "| LC_ALL=C sort -m - \"$s/added\" > \"$s/body\" && cat \"$s/header\" \"$s/body\" > {incoming} || exit 1; "
     "cd {workdir} || exit 1; "
     "xargs -0 -r rm -f -- < \"$s/delete\" || exit 1; "
     "xargs -0 -r rmdir --ignore-fail-on-non-empty -- < \"$s/rmdir\" 2>/dev/null; "
@@ -385,6 +389,7 @@ class _Plan:
     delete: tuple[str, ...]  # shipped before, gone now: deleted on the node
     force: tuple[str, ...]  # changed behind rsync's quick check
     new_manifest: Manifest
+    base: Manifest | None  # what we believe the node holds
     expected_digest: str | None  # the node must hold this manifest (None: none at all)
     check: bool  # whether the node must confirm `expected_digest` first
 
@@ -450,7 +455,18 @@ class _RsyncPush:
         files_from.write_bytes(_nul_list(plan.send))
         q = shlex.quote
         r = self.remote
-        blobs = [plan.new_manifest.dumps(), _nul_list(plan.delete), _nul_list(plan.force), _nul_list(plan.rmdirs())]
+        current = plan.new_manifest
+        if plan.check and plan.base is not None and plan.expected_digest == plan.base.digest:
+            # The node holds `base` (checked first): send only the lines that differ.
+            old_lines, new_lines = set(plan.base.body_lines()), set(current.body_lines())
+            removed, added = sorted(old_lines - new_lines), sorted(new_lines - old_lines)
+            patch_base = q(r.partial)
+        else:
+            removed, added, patch_base = [], current.body_lines(), "/dev/null"
+        blobs = [
+            current.header_line(), b"".join(removed), b"".join(added),
+            _nul_list(plan.delete), _nul_list(plan.force), _nul_list(plan.rmdirs()),
+        ]
         if not plan.check:
             check = ""
         elif plan.expected_digest is None:
@@ -462,7 +478,8 @@ class _RsyncPush:
         rsync_path = _wrapped(_RSYNC_WRAPPER.format(
             missing=q(_MARK_RSYNC_MISSING), check=check, scratch=q(r.scratch), workdir=q(r.workdir),
             manifest=q(r.manifest), partial=q(r.partial), incoming=q(r.incoming),
-            manifest_size=len(blobs[0]), delete_size=len(blobs[1]), force_size=len(blobs[2]), rmdir_size=len(blobs[3]),
+            header_size=len(blobs[0]), removed_size=len(blobs[1]), added_size=len(blobs[2]),
+            delete_size=len(blobs[3]), force_size=len(blobs[4]), rmdir_size=len(blobs[5]), patch_base=patch_base,
         ))
         head = tmp / "head"
         head.write_bytes(b"".join(blobs))
@@ -470,7 +487,9 @@ class _RsyncPush:
         os.mkfifo(fifo, 0o600)
         rsh = ["sh", "-c", _RELAY, str(head), str(fifo), *self.conn.ssh_argv()]
         total = sum(plan.new_manifest.entries[p].size for p in plan.send if p in plan.new_manifest.entries)
-        return self._run(self.argv(files_from, rsync_path=rsync_path, rsh=rsh), tmp, total)
+        outcome = self._run(self.argv(files_from, rsync_path=rsync_path, rsh=rsh), tmp, total)
+        outcome.bytes_sent += head.stat().st_size  # our blobs travel ahead of rsync's stream
+        return outcome
 
     def dry_run(self, tmp: Path, send: Sequence[str]) -> RsyncOutcome:
         files_from = tmp / "files-from"
@@ -531,7 +550,7 @@ def _push_with_retries(
     for attempt in range(1, TRANSFER_ATTEMPTS + 1):
         send, delete, force = _plan(current, base, known_paths, full_list)
         plan = _Plan(
-            send=tuple(send), delete=tuple(delete), force=tuple(force), new_manifest=current,
+            send=tuple(send), delete=tuple(delete), force=tuple(force), new_manifest=current, base=base,
             expected_digest=base.digest if base is not None else None, check=check,
         )
         try:
