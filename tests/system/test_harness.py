@@ -47,7 +47,7 @@ def test_teardown_leaves_nothing_even_after_a_failure(rootfs) -> None:
     with pytest.raises(RuntimeError, match="the test failed"):
         with pool:
             host = pool.create()
-            # Daemons, a process sitting inside a mount, a poweroff that must stay in the host.
+            # Daemons, a process sitting inside a mount, a mount made inside the host.
             host.sh("setsid sleep 1000 >/dev/null 2>&1 < /dev/null &")
             host.sh("cd /dev/shm && setsid sleep 1000 >/dev/null 2>&1 < /dev/null &")
             host.sh("mkdir -p /mnt/extra && mount -t tmpfs tmpfs /mnt/extra")
