@@ -246,3 +246,16 @@ def test_excludes_leaving_the_workdir_are_refused(tmp_path: Path) -> None:
 def test_missing_workdir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SelectionError, match="--workdir"):
         select_files(tmp_path / "nope")
+
+
+def test_default_excludes_without_pathspec_match_pathspec() -> None:
+    from pathspec import GitIgnoreSpec
+
+    from trainstack.selection import DEFAULT_EXCLUDES, _default_excludes_only
+
+    spec = GitIgnoreSpec.from_lines(DEFAULT_EXCLUDES)
+    names = [".git", ".venv", "node_modules", "__pycache__", "x.pyc", ".pyc", "a.pyc.txt", "venv", ".gitignore",
+             ".trainstack", "node_modules2", "my.venv", "pyc"]
+    for name in names:
+        for path in (name, f"{name}/", f"a/{name}", f"a/b/{name}/"):
+            assert _default_excludes_only(path) == spec.check_file(path).include, path

@@ -149,9 +149,16 @@ def test_first_sync_ships_exactly_the_selection(local_target: Target, connection
     assert remote["outside-link"] == ("link", str(tmp_path / "outside" / "secret"))
     assert not any(rel.startswith("outside-link/") for rel in remote)
     assert remote["run.sh"][2] is True  # the executable bit survives
-    assert result.transport == "rsync" and not result.noop
+    # A first sync streams everything with tar; later ones send differences with rsync.
+    assert result.transport == "tar" and not result.noop
     assert result.files == len(remote) and result.transferred == len(remote)
-    assert result.bytes_sent > 0
+    assert result.bytes_sent > sum(len(v[1]) for v in remote.values() if v[0] == "file")
+
+    (workdir / "train.py").write_text("print('v2')\n")
+    (workdir / "keep.log").unlink()
+    result = sync(local_target, connection)
+    assert result.transport == "rsync" and sorted(result.changes) == ["- keep.log", "~ train.py"]
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
 def test_git_repository_ships_gits_view(local_target: Target, connection: Connection) -> None:
@@ -177,13 +184,16 @@ def test_noop_sync_does_not_run_rsync(local_target: Target, connection: Connecti
     write(workdir, "a.py", "a")
     write(workdir, "pkg/b.py", "b")
     sync(local_target, connection)
-    assert rsync_calls.read_text().count("call") == 1
+    write(workdir, "pkg/b.py", "b2")
+    sync(local_target, connection)
+    calls = rsync_calls.read_text().count("call")
+    assert calls >= 1
     before = {p: p.stat().st_mtime_ns for p in remote_workdir(local_target).rglob("*")}
 
     os.utime(workdir / "a.py")  # touched, not changed: still nothing to ship
     result = sync(local_target, connection)
     assert result.noop and result.bytes_sent == 0 and result.transferred == 0
-    assert rsync_calls.read_text().count("call") == 1  # rsync was not started at all
+    assert rsync_calls.read_text().count("call") == calls  # rsync was not started at all
     assert {p: p.stat().st_mtime_ns for p in remote_workdir(local_target).rglob("*")} == before
     assert "already in sync" in result.summary()
 

@@ -246,36 +246,92 @@ class ScanStats:
 
 
 def scan(root: Path, paths: Sequence[str], cache: HashCache | None = None) -> tuple[Manifest, ScanStats]:
-    """The manifest of `paths` under `root`, reading only files the cache cannot vouch for.
+    """The manifest of `paths` under `root`, reading only files the cache cannot vouch for."""
+    pending = start_scan(root, paths, cache)
+    return pending.finish(), pending.stats
+
+
+def start_scan(root: Path, paths: Sequence[str], cache: HashCache | None = None) -> "PendingScan":
+    """Stat `paths`; the hashing the cache cannot spare is left to `PendingScan.finish`
+    (so it can run while something else, a first transfer, is under way).
 
     Paths that vanished or turned into something other than a file or symlink since
     they were selected are left out (the next sync will see the tree as it is then).
     """
     cache = cache if cache is not None else HashCache(None, root)
-    stats = ScanStats()
-    entries: dict[str, Entry] = {}
+    found: dict[str, tuple[str, int, os.stat_result, str | None]] = {}
     base = os.fspath(root)
     for rel in paths:
-        full = os.path.join(base, rel)
         try:
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                kind, mode = SYMLINK, 0
-            elif stat.S_ISREG(st.st_mode):
-                kind, mode = FILE, stat.S_IMODE(st.st_mode)
-            else:
-                continue
-            digest = cache.lookup(rel, st)
-            if digest is None:
-                digest = _hash_link(full) if kind == SYMLINK else _hash_file(full)
-                cache.store(rel, st, digest)
-                stats.hashed_files += 1
-                stats.hashed_bytes += st.st_size
+            st = os.lstat(os.path.join(base, rel))
         except FileNotFoundError:
             continue
-        entries[rel] = Entry(kind, st.st_size, st.st_mtime_ns, mode, digest)
-    cache.retain(entries)
-    return Manifest(entries), stats
+        if stat.S_ISLNK(st.st_mode):
+            kind, mode = SYMLINK, 0
+        elif stat.S_ISREG(st.st_mode):
+            kind, mode = FILE, stat.S_IMODE(st.st_mode)
+        else:
+            continue
+        found[rel] = (kind, mode, st, cache.lookup(rel, st))
+    return PendingScan(base, found, cache)
+
+
+class PendingScan:
+    """A stat'ed tree whose missing content hashes are computed by `finish()`."""
+
+    def __init__(self, base: str, found: dict[str, tuple[str, int, os.stat_result, str | None]], cache: HashCache) -> None:
+        self.base = base
+        self.found = found
+        self.cache = cache
+        self.stats = ScanStats()
+        self._manifest: Manifest | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self.found)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(st.st_size for _, _, st, _ in self.found.values())
+
+    def finish(self) -> Manifest:
+        if self._manifest is not None:
+            return self._manifest
+        todo = [rel for rel, (_, _, _, digest) in self.found.items() if digest is None]
+        digests = dict(self._hash_all(todo))
+        entries: dict[str, Entry] = {}
+        for rel, (kind, mode, st, digest) in self.found.items():
+            if digest is None:
+                digest = digests.get(rel)
+                if digest is None:
+                    continue  # vanished while hashing
+                self.cache.store(rel, st, digest)
+                self.stats.hashed_files += 1
+                self.stats.hashed_bytes += st.st_size
+            entries[rel] = Entry(kind, st.st_size, st.st_mtime_ns, mode, digest)
+        self.cache.retain(entries)
+        self._manifest = Manifest(entries)
+        return self._manifest
+
+    def _hash_all(self, todo: list[str]) -> list[tuple[str, str]]:
+        def one(rel: str) -> tuple[str, str] | None:
+            full = os.path.join(self.base, rel)
+            try:
+                kind = self.found[rel][0]
+                return rel, (_hash_link(full) if kind == SYMLINK else _hash_file(full))
+            except FileNotFoundError:
+                return None
+
+        big = sum(self.found[rel][2].st_size for rel in todo)
+        if len(todo) < 64 and big < (64 << 20):
+            results = [one(rel) for rel in todo]
+        else:
+            # hashlib releases the GIL on large buffers: threads use every core.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                results = list(pool.map(one, todo, chunksize=64))
+        return [r for r in results if r is not None]
 
 
 def _hash_file(path: str) -> str:

@@ -113,13 +113,14 @@ class _ShipFilter:
     """
 
     def __init__(self, root: Path, anchored: Sequence[str]) -> None:
-        from pathspec import GitIgnoreSpec
-
-        lines = list(DEFAULT_EXCLUDES)
         ignore_file = root / IGNORE_FILE
         if ignore_file.is_file():
-            lines += _read_lines(ignore_file)
-        self._spec = _QuickSpec(GitIgnoreSpec.from_lines(lines))
+            from pathspec import GitIgnoreSpec
+
+            spec = _QuickSpec(GitIgnoreSpec.from_lines([*DEFAULT_EXCLUDES, *_read_lines(ignore_file)]))
+            self._check: Callable[[str], bool | None] = spec.check
+        else:
+            self._check = _default_excludes_only
         self._anchored = anchored
         self._dir_cache: dict[str, bool] = {}
 
@@ -138,7 +139,7 @@ class _ShipFilter:
             return True
         if any(rel == a or rel.startswith(a + "/") for a in self._anchored):
             return True
-        return bool(self._spec.check(rel + "/" if is_dir else rel))
+        return bool(self._check(rel + "/" if is_dir else rel))
 
     def __call__(self, rel: str, is_dir: bool) -> bool:
         """True when `rel` is shipped (as far as this filter is concerned)."""
@@ -148,6 +149,17 @@ class _ShipFilter:
         if is_dir:
             return not self.excluded_dir(rel)
         return not self._excluded(rel, False)
+
+
+_DEFAULT_NAMES = frozenset(p for p in DEFAULT_EXCLUDES if "*" not in p)
+_DEFAULT_SUFFIXES = tuple(p[1:] for p in DEFAULT_EXCLUDES if p.startswith("*") and "*" not in p[1:])
+
+
+def _default_excludes_only(path: str) -> bool | None:
+    """DEFAULT_EXCLUDES as GitIgnoreSpec reads them (slash-free patterns: they match the
+    last component), without loading pathspec — the usual case, no .trainstackignore."""
+    name = path.rstrip("/").rpartition("/")[2]
+    return True if name in _DEFAULT_NAMES or name.endswith(_DEFAULT_SUFFIXES) else None
 
 
 class _QuickSpec:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract
 from trainstack.errors import SyncError
-from trainstack.manifest import Diff, HashCache, Manifest, diff, header_digest, scan
+from trainstack.manifest import HashCache, Manifest, PendingScan, diff, header_digest, start_scan
 from trainstack.selection import select_files
 from trainstack.transfer import (
     RSYNC_LINK_FAILURES,
@@ -147,27 +147,39 @@ def sync(
     probe = _HeaderProbe(conn, remote) if last_digest is not None else None
     selection = select_files(workdir, exclude=shipped_excludes(target))
     cache = HashCache(state.hash_cache_path, workdir)
-    current, _ = scan(workdir, selection.paths, cache)
-    cache.save()
-    result = SyncResult(files=len(current), bytes_total=current.total_bytes, dry_run=dry_run)
-    node_digest = probe.result() if probe is not None else None
-    if last_digest is not None and last_digest == current.digest:
-        if node_digest == last_digest:
-            result.noop = True
-            result.seconds = time.monotonic() - started
-            say(console, result.summary())
-            return result
+    pending = start_scan(workdir, selection.paths, cache)
+    result = SyncResult(files=len(pending.found), bytes_total=pending.total_bytes, dry_run=dry_run)
 
-    last = None if full else state.read_synced()
     local_rsync = shutil.which("rsync") is not None
-    use_tar = mode == TRANSPORT_TAR or (mode == "auto" and not local_rsync)
     if mode == TRANSPORT_RSYNC and not local_rsync:
         raise SyncError("rsync is not installed here: install it (apt-get install rsync) or set TRAINSTACK_SYNC_TRANSPORT=tar")
-
-    pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
-    if not use_tar:
+    use_tar = mode == TRANSPORT_TAR or (mode == "auto" and not local_rsync)
+    node_changed = False
+    if (
+        last_digest is None and mode == "auto" and not use_tar and not dry_run and not bwlimit_kbps
+        and _openssh_tar_available()
+    ):
+        # A first sync moves everything: one tar stream beats rsync's per-file exchange,
+        # and the content hashes are computed while it flows.
         try:
-            _push_with_retries(pusher, conn, current, last, state, result, dry_run)
+            _push_tar(conn, workdir, remote, pending, None, state, result, console, dry_run, expect_fresh=True)
+            cache.save()
+            return _finish(result, started, console, dry_run)
+        except _ManifestChanged:
+            node_changed = True  # the node holds an earlier sync: rsync against it
+
+    current = pending.finish()
+    cache.save()
+    node_digest = probe.result() if probe is not None else None
+    if last_digest is not None and last_digest == current.digest and node_digest == last_digest:
+        result.noop = True
+        return _finish(result, started, console, dry_run)
+
+    last = None if full else state.read_synced()
+    if not use_tar:
+        pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
+        try:
+            _push_with_retries(pusher, conn, current, last, state, result, dry_run, node_changed=node_changed)
         except _RsyncMissing:
             if mode == TRANSPORT_RSYNC:
                 raise SyncError(
@@ -176,8 +188,15 @@ def sync(
             say(console, f"rsync is missing on {conn.describe()}: shipping with tar instead")
             use_tar = True
     if use_tar:
-        _push_tar(target, conn, workdir, remote, current, last, state, result, console, dry_run)
+        _push_tar(conn, workdir, remote, pending, last, state, result, console, dry_run)
+    return _finish(result, started, console, dry_run)
 
+
+def _openssh_tar_available() -> bool:
+    return shutil.which("tar") is not None and shutil.which("ssh") is not None
+
+
+def _finish(result: SyncResult, started: float, console: "Console | None", dry_run: bool) -> SyncResult:
     result.seconds = time.monotonic() - started
     say(console, result.summary())
     for line in result.changes if dry_run else ():
@@ -525,6 +544,8 @@ def _push_with_retries(
     state: _LocalState,
     result: SyncResult,
     dry_run: bool,
+    *,
+    node_changed: bool = False,
 ) -> None:
     """Ship the changes since `last`; when the node turns out not to hold `last` (or
     the link broke mid-way), learn what it holds and ship the full list against that."""
@@ -533,6 +554,10 @@ def _push_with_retries(
     known_paths: set[str] = set(last.entries) if last is not None else set()
     full_list = last is None
     check = True  # make the node confirm it holds `base` before anything changes
+    if node_changed:
+        base, remote_paths = _read_remote_base(conn, pusher.remote)
+        known_paths |= remote_paths
+        full_list, check = True, False
     if dry_run:
         # A dry run changes nothing, so confirm up front instead of inside the wrapper.
         expected = base.digest if base is not None else None
@@ -599,26 +624,34 @@ def _plan(
     return sorted(send), sorted(gone), list(change.forced)
 
 
-# --- tar fallback ---------------------------------------------------------------------------
+# --- tar ------------------------------------------------------------------------------------
 
 _TAR_NEW = ".workdir.incoming"
 _TAR_OLD = ".workdir.previous"
-_TAR_KNOWN = ".trainstack-known-paths"
+# `.trainstack` is never shipped (selection.NEVER_SHIPPED), so this name cannot collide.
+_TAR_MANIFEST_DIR = ".trainstack"
+_TAR_MANIFEST_MEMBER = ".trainstack/sync-manifest"
 
-# Runs on the node: extract the stream into a fresh dir, move over what sync does not
-# own (results dirs first, whole; then every other file the node made), then swap.
+# Runs on the node. Its stdin: the NUL-separated paths the node may hold from syncs (a
+# blob of known size), then the tar stream of the whole shipped set, the manifest last.
+# The stream is extracted into a fresh dir beside the workdir; the results dirs (whole)
+# and every other file sync does not own are moved over; then two renames swap it in.
+# An interrupted run leaves the old workdir as it was.
 _TAR_SCRIPT = r"""
 set -eu
-root={root}; w={workdir}; new="$root/{new}"; old="$root/{old}"
-manifest={manifest}; partial={partial}
+root={root}; w={workdir}; new="$root/{new}"; old="$root/{old}"; scratch={scratch}
+{check}
+take() {{ if [ "$1" -gt 0 ]; then dd bs="$1" count=1 iflag=fullblock status=none of="$2"; else : > "$2"; fi; }}
 # An earlier swap interrupted between its two renames leaves only the old tree.
 if [ ! -e "$w" ] && [ -d "$old" ]; then mv "$old" "$w"; fi
 rm -rf "$new" "$old"
-mkdir -p "$new" "$w"
-tar -x -p --no-same-owner -f - -C "$new"
-known="$root/{known}.$$"
-mv "$new/{known}" "$known"
-mv "$new/{manifest_member}" "$manifest.incoming"
+mkdir -p "$new" "$w" "$scratch"
+s="$scratch/tar.$$"; mkdir "$s"
+take {known_size} "$s/known"
+# -i: the manifest follows the files as a second archive, once its hashes are known.
+tar -x -i -p --no-same-owner -f - -C "$new"
+mv "$new/{manifest_member}" "$s/manifest"
+rmdir "$new/{manifest_dir}"
 for rel in {results}; do
   if [ -e "$w/$rel" ] || [ -L "$w/$rel" ]; then
     mkdir -p "$(dirname "$new/$rel")"
@@ -626,106 +659,202 @@ for rel in {results}; do
     mv "$w/$rel" "$new/$rel"
   fi
 done
-(cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | sort -z > "$known.have"
-sort -z -u "$known" > "$known.sorted"
-comm -z -23 "$known.have" "$known.sorted" | (cd "$w" && xargs -0 -r sh -c '
+(cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | LC_ALL=C sort -z > "$s/have"
+LC_ALL=C sort -z -u "$s/known" > "$s/known.sorted"
+LC_ALL=C comm -z -23 "$s/have" "$s/known.sorted" | (cd "$w" && xargs -0 -r sh -c '
   for p do mkdir -p "$0/$(dirname "$p")"; mv "$p" "$0/$p"; done' "$new")
-rm -f "$known" "$known.have" "$known.sorted"
 mv "$w" "$old"
 mv "$new" "$w"
-mv -f "$manifest.incoming" "$manifest"
-rm -f "$partial"
-rm -rf "$old"
-echo trainstack-sync: swapped
+mv -f "$s/manifest" {manifest}
+rm -f {partial} {incoming}
+rm -rf "$old" "$s"
 """
+_TAR_CHECK_FRESH = (
+    'if [ -e {manifest} ] || [ -e {partial} ] || [ -e {incoming} ]; then echo {changed} >&2; exit 3; fi'
+)
 
 
 def _push_tar(
-    target: "Target",
     conn: "Connection",
     workdir: Path,
     remote: _RemoteLayout,
-    current: Manifest,
+    pending: PendingScan,
     last: Manifest | None,
     state: _LocalState,
     result: SyncResult,
     console: "Console | None",
     dry_run: bool,
+    *,
+    expect_fresh: bool = False,
 ) -> None:
-    """Ship the whole shipped set as one tar stream and swap it in atomically."""
+    """Ship the whole shipped set as one tar stream and swap it in.
+
+    `expect_fresh`: a first sync assumes the node holds no manifest (saving a round
+    trip) and raises _ManifestChanged when it does; its hashes are computed while the
+    stream flows, and the manifest follows the files.
+    """
     result.transport = TRANSPORT_TAR
-    remote_base, remote_paths = _read_remote_base(conn, remote)
-    base = remote_base if remote_base is not None else last
-    known = set(remote_paths) | (set(last.entries) if last else set()) | set(current.entries)
-    change = diff(current, base) if base is not None else Diff(tuple(current.entries), (), ())
-    removed = sorted(p for p in known if p not in current.entries and (base is None or p in base.entries))
+    paths = pending.paths
+    if expect_fresh:
+        base, known = None, set(paths)
+    else:
+        base, remote_paths = _read_remote_base(conn, remote)
+        base = base if base is not None else last
+        known = remote_paths | (set(last.entries) if last else set()) | set(paths)
+    removed = sorted(p for p in known if p not in pending.found)
+    result.deleted = len(removed)
+    if base is None:
+        changed = paths
+        result.changes = [f"+ {p}" for p in paths]
+    else:
+        change = diff(pending.finish(), base)
+        changed = list(change.changed)
+        result.changes = [f"{'~' if p in base.entries else '+'} {p}" for p in changed]
+    result.transferred = len(changed)
+    result.changes = sorted(result.changes + [f"- {p}" for p in removed], key=lambda c: c[2:])
     if dry_run:
-        result.transferred = len(change.changed)
-        result.deleted = len(removed)
-        result.changes = [f"~ {p}" for p in change.changed] + [f"- {p}" for p in removed]
         return
 
     q = shlex.quote
+    known_blob = _nul_list(sorted(known))
     script = _TAR_SCRIPT.format(
-        root=q(remote.root),
-        workdir=q(remote.workdir),
-        new=_TAR_NEW,
-        old=_TAR_OLD,
-        manifest=q(remote.manifest),
-        partial=q(remote.partial),
-        known=_TAR_KNOWN,
-        manifest_member=_TAR_MANIFEST_MEMBER,
+        root=q(remote.root), workdir=q(remote.workdir), new=_TAR_NEW, old=_TAR_OLD, scratch=q(remote.scratch),
+        check=_TAR_CHECK_FRESH.format(
+            manifest=q(remote.manifest), partial=q(remote.partial), incoming=q(remote.incoming),
+            changed=q(_MARK_MANIFEST_CHANGED),
+        ) if expect_fresh else "",
+        known_size=len(known_blob), manifest_member=_TAR_MANIFEST_MEMBER, manifest_dir=_TAR_MANIFEST_DIR,
+        manifest=q(remote.manifest), partial=q(remote.partial), incoming=q(remote.incoming),
         results=" ".join(q(r.strip("/")) for r in remote.results) or "''",
     )
-    attempts = 0
-    while True:
-        attempts += 1
+    stream = _stream_tar_openssh if _openssh_tar_available() else _stream_tar_paramiko
+    for attempt in range(1, TRANSFER_ATTEMPTS + 1):
         try:
-            sent = _stream_tar(conn, workdir, current, sorted(known), script, console)
+            sent = stream(conn, workdir, pending, known_blob, script, console)
             break
         except LinkFailed as failure:
-            if attempts >= TRANSFER_ATTEMPTS:
+            if attempt == TRANSFER_ATTEMPTS:
                 raise SyncError(
                     f"sync to {conn.describe()} failed: the connection broke ({failure.detail}); "
                     "the node's workdir is unchanged — run sync again"
                 ) from None
             wait_for_node(conn)
-    result.transferred = len(change.changed)
-    result.deleted = len(removed)
     result.bytes_sent = sent
-    state.write_synced(current)
+    state.write_synced(pending.finish())
 
 
-_TAR_MANIFEST_MEMBER = ".trainstack-manifest"
+def _manifest_archive(manifest: Manifest) -> bytes:
+    """A tar archive holding only the manifest, as `_TAR_MANIFEST_MEMBER`."""
+    import io
+    import tarfile
+
+    data = manifest.dumps()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo(_TAR_MANIFEST_MEMBER)
+        info.size = len(data)
+        info.mode = 0o600
+        info.mtime = int(time.time())
+        archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
-def _stream_tar(
-    conn: "Connection",
-    workdir: Path,
-    current: Manifest,
-    known: Sequence[str],
-    script: str,
-    console: "Console | None",
+def _tar_outcome(conn: "Connection", code: int, stderr: str) -> None:
+    if code == 0:
+        return
+    if _MARK_MANIFEST_CHANGED in stderr:
+        raise _ManifestChanged()
+    if code == 255 or code == -1:
+        raise LinkFailed(last_line(stderr) or "the connection closed before the node finished")
+    raise SyncError(
+        f"extracting the tar stream on {conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
+        " — the node's workdir is unchanged"
+    )
+
+
+def _stream_tar_openssh(
+    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None"
 ) -> int:
+    """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
+    `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
+    follows as a second archive."""
+    import subprocess
+
+    hashing = threading.Thread(target=pending.finish, daemon=True)
+    hashing.start()
+    with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
+        tmp = Path(tmp_name)
+        listing = tmp / "files"
+        listing.write_bytes(_nul_list(pending.paths))
+        stderr_path = tmp / "stderr"
+        with open(stderr_path, "wb") as stderr_file:
+            ssh = subprocess.Popen(
+                [*conn.ssh_argv(), conn.destination, f"sh -c {shlex.quote(script)}"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr_file,
+            )
+            tar = subprocess.Popen(
+                ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            assert ssh.stdin is not None and tar.stdout is not None and tar.stderr is not None
+            sent = 0
+            broken = False
+            with Progress(console, pending.total_bytes, "sync") as bar:
+                try:
+                    ssh.stdin.write(head)
+                    sent += len(head)
+                    source = tar.stdout.fileno()
+                    while True:
+                        chunk = os.read(source, 1 << 20)
+                        if not chunk:
+                            break
+                        ssh.stdin.write(chunk)
+                        sent += len(chunk)
+                        bar.update(sent)
+                    hashing.join()
+                    tail = _manifest_archive(pending.finish())
+                    ssh.stdin.write(tail)
+                    sent += len(tail)
+                    ssh.stdin.close()
+                except BrokenPipeError:
+                    broken = True
+                    tar.kill()
+            tar_stderr = tar.stderr.read().decode("utf-8", "replace")
+            tar_code = tar.wait()
+            code = ssh.wait()
+        stderr = stderr_path.read_text("utf-8", "replace")
+    hashing.join()
+    if broken and code == 0:
+        code = -1
+    _tar_outcome(conn, code, stderr)
+    if tar_code not in (0, 1):  # 1: a file changed while it was read; the next sync settles it
+        raise SyncError(f"tar could not read the workdir (exit {tar_code}): {last_line(tar_stderr)}")
+    return sent
+
+
+def _stream_tar_paramiko(
+    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None"
+) -> int:
+    """Python's tarfile writing into a paramiko channel: needs neither a local tar nor
+    OpenSSH."""
     import io
     import tarfile
 
     from trainstack.errors import TargetUnreachable
 
+    manifest = pending.finish()
     try:
         channel = conn.exec_channel(f"sh -c {shlex.quote(script)}")
     except TargetUnreachable as exc:
         raise LinkFailed(str(exc)) from None
     writer = _ChannelWriter(channel)
     stderr_chunks: list[bytes] = []
-    progress = Progress(console, current.total_bytes, "sync")
     try:
-        with progress:
+        with Progress(console, manifest.total_bytes, "sync") as bar:
             buffered = io.BufferedWriter(writer, buffer_size=1 << 20)  # type: ignore[arg-type]
-            with tarfile.open(fileobj=buffered, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-                _add_bytes(archive, _TAR_KNOWN, b"".join(os.fsencode(p) + b"\0" for p in known))
-                _add_bytes(archive, _TAR_MANIFEST_MEMBER, current.dumps())
-                for rel in sorted(current.entries):
+            buffered.write(head)
+            with tarfile.open(fileobj=buffered, mode="w|", format=tarfile.GNU_FORMAT) as archive:
+                for rel in sorted(manifest.entries):
                     full = workdir / rel
                     try:
                         info = archive.gettarinfo(str(full), arcname=rel)
@@ -738,7 +867,8 @@ def _stream_tar(
                             archive.addfile(info, handle)
                     else:
                         archive.addfile(info)
-                    progress.update(writer.sent)
+                    bar.update(writer.sent)
+            buffered.write(_manifest_archive(manifest))
             buffered.flush()
             channel.shutdown_write()
             while not channel.exit_status_ready():
@@ -749,17 +879,13 @@ def _stream_tar(
                 stderr_chunks.append(channel.recv_stderr(65536))
             code = channel.recv_exit_status()
     except (OSError, EOFError) as exc:
+        stderr = b"".join(stderr_chunks).decode("utf-8", "replace")
+        if channel.exit_status_ready():
+            _tar_outcome(conn, channel.recv_exit_status(), stderr)
         raise LinkFailed(str(exc) or type(exc).__name__) from None
     finally:
         channel.close()
-    if code == -1:
-        raise LinkFailed("the connection closed before the node finished")
-    if code != 0:
-        stderr = b"".join(stderr_chunks).decode("utf-8", "replace")
-        raise SyncError(
-            f"extracting the tar stream on {conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
-            " — the node's workdir is unchanged"
-        )
+    _tar_outcome(conn, code, b"".join(stderr_chunks).decode("utf-8", "replace"))
     return writer.sent
 
 
@@ -792,16 +918,5 @@ class _ChannelWriter:
 
     def close(self) -> None:
         self.closed = True
-
-
-def _add_bytes(archive: "object", name: str, data: bytes) -> None:
-    import io
-    import tarfile
-
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o600
-    info.mtime = int(time.time())
-    archive.addfile(info, io.BytesIO(data))  # type: ignore[attr-defined]
 
 
