@@ -70,23 +70,21 @@ def example_config() -> dict[str, Any]:
 
 
 def bootstrap_inputs(keys: MachineKeys, config: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
-    """The renderer's inputs for these keys and an experiment's config, as infra/machine.py builds them."""
+    """The renderer's inputs for these keys and an experiment's config, built by the same
+    function `pulumi up` uses; `overrides` inject what a test needs (a bad package, say)."""
+    import dataclasses
+
     from infra.config import ExperimentConfig
-    from infra.userdata import BootstrapInputs
+    from infra.machine import bootstrap_inputs as experiment_bootstrap_inputs
 
     cfg = ExperimentConfig.from_raw(example_config() if config is None else config)
-    values: dict[str, Any] = dict(
+    inputs = experiment_bootstrap_inputs(
+        cfg,
         authorized_public_key=keys.client.public_key_openssh,
         host_private_key_openssh=keys.host.private_key_openssh,
         host_public_key=keys.host.public_key_openssh,
-        ssh_user=contract.DEFAULT_SSH_USER,
-        remote_root=contract.DEFAULT_REMOTE_ROOT,
-        idle_minutes=cfg.idle_minutes,
-        max_hours=cfg.max_hours,
-        gpu=cfg.hardware.gpu,
     )
-    values.update(overrides)
-    return BootstrapInputs(**values)
+    return dataclasses.replace(inputs, **overrides)
 
 
 def user_data_for(inputs: Any) -> str:

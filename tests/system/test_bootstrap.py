@@ -94,6 +94,14 @@ def test_sshd_presents_only_the_pinned_host_key(machine: Machine) -> None:
         transport.close()
 
 
+def test_sshd_reaps_sessions_of_vanished_clients(machine: Machine) -> None:
+    # A closed laptop's session must end by itself, or it would hold off the idle auto-stop.
+    effective = machine.host.run(["sshd", "-T", "-C", "user=root,host=x,addr=127.0.0.1"]).stdout.decode()
+    settings = dict(line.split(" ", 1) for line in effective.splitlines() if " " in line)
+    assert (settings["clientaliveinterval"], settings["clientalivecountmax"]) == ("30", "4")
+    assert settings["passwordauthentication"] == "no"
+
+
 def test_the_pinned_key_connects_and_a_wrong_one_is_refused(machine: Machine) -> None:
     with pinned_client(machine, machine.keys.host.public_line, machine.keys.client) as client:
         assert run_over_ssh(client, "id -un") == (0, f"{machine.ssh_user}\n")
