@@ -494,3 +494,20 @@ def test_another_checkout_syncing_the_same_node_is_detected(
     result = sync(local_target, connection)  # nothing changed locally, but the node did
     assert not result.noop
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+def test_spaces_and_quotes_in_the_workdir_path(local_target: Target, tmp_path: Path) -> None:
+    """rsync's arguments, tar's -C and the wrapper must carry the workdir's path intact."""
+    import dataclasses
+
+    workdir = tmp_path / "my code (it's v2)"
+    write(workdir, "a.py", "a")
+    write(workdir, "it's here/b.py", "b")
+    target = dataclasses.replace(local_target, workdir=workdir, state_dir=tmp_path / "state-2")
+    with Connection(target) as conn:
+        assert sync(target, conn).transport == "tar"
+        write(workdir, "a.py", "a2")
+        assert sync(target, conn).transport == "rsync"
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        assert sync(target, conn).noop
+        conn.stop_master()

@@ -170,8 +170,8 @@ def sync(
 
     current = pending.finish()
     cache.save()
-    node_digest = probe.result() if probe is not None else None
-    if last_digest is not None and last_digest == current.digest and node_digest == last_digest:
+    # Only an unchanged tree needs the node's answer; otherwise the probe is left to finish.
+    if probe is not None and last_digest == current.digest and probe.result() == last_digest:
         result.noop = True
         return _finish(result, started, console, dry_run)
 
