@@ -12,7 +12,20 @@ import pytest
 from infra import userdata
 
 REPO = Path(__file__).resolve().parent.parent
-BOOTSTRAP_FILES = sorted(p for p in (REPO / "bootstrap").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _is_shell(path: Path) -> bool:
+    """A shell script by its name or shebang (bootstrap/tools also holds Python programs)."""
+    if path.suffix in (".sh", ".tmpl"):
+        return True
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    return first.startswith(b"#!") and (b"bash" in first or first.rstrip().endswith((b"/sh", b" sh")))
+
+
+BOOTSTRAP_FILES = sorted(
+    p for p in (REPO / "bootstrap").rglob("*") if p.is_file() and "__pycache__" not in p.parts and _is_shell(p)
+)
 
 
 def _shellcheck(path: Path) -> subprocess.CompletedProcess[str]:

@@ -103,9 +103,10 @@ def test_down_stops_sshd_and_runs_and_removes_everything(project_dir: Path) -> N
         resolve_target("local", project_dir=project_dir)
 
 
-def test_only_one_node_for_now(project_dir: Path) -> None:
-    with pytest.raises(UsageError):
-        LocalTarget(project_dir).up(nodes=2)
+@pytest.mark.parametrize("nodes", [0, -1, 17])
+def test_a_node_count_out_of_range_is_refused_and_nothing_is_started(project_dir: Path, nodes: int) -> None:
+    with pytest.raises(UsageError, match="--nodes takes a number of nodes from 1 to 16"):
+        LocalTarget(project_dir).up(nodes=nodes)
     assert not LocalTarget(project_dir).root.exists()
 
 

@@ -53,6 +53,9 @@ class NodeKeys:
     PORT = "port"
     PRIVATE_IP = "private_ip"
     INSTANCE_ID = "instance_id"
+    #: Optional: this node's own remote root, where it differs from the stack's `remote_root`
+    #: (the local target's nodes share one filesystem, so each has a directory of its own).
+    REMOTE_ROOT = "remote_root"
 
 
 class Tags:
@@ -89,11 +92,40 @@ class Remote:
     RUN_RUNNER_PID = "runner_pid"  # the process waiting for the job to record its exit code
     RUN_RUNNER_LOG = "runner.log"  # what that process itself reported (normally empty)
     RUNS_CURRENT = "runs/current"  # symlink to the most recently started run
+    # Multi-node runs (TRAINSTACK_NUM_NODES > 1): the head node's coordinator keeps the run's
+    # verdict in cluster.json; a node stopped because another rank ended writes stopped_by
+    # ("RANK<TAB>EXIT_CODE" of that rank); `trainstack-run stop` leaves stop_requested first.
+    RUN_CLUSTER = "cluster.json"
+    RUN_STOPPED_BY = "stopped_by"
+    RUN_STOP_REQUESTED = "stop_requested"
+    #: Optional: the Python whose packages the venv sees (default: the image's PyTorch
+    #: environment /opt/pytorch when present, else python3). The local target writes it.
+    BASE_PYTHON = "base-python"
 
     RUNNER = "bin/trainstack-run"
+    COORDINATOR = "bin/trainstack-coordinator"  # rank 0's side of a multi-node run
+    TORCHRUN = "bin/trainstack-torchrun"  # torchrun, exiting with the failed worker's own code
     WATCHDOG = "bin/trainstack-watchdog"
     WATCHDOG_ENV = "watchdog.env"  # the watchdog's settings (TRAINSTACK_IDLE_MINUTES=..., ...)
     WATCHDOG_STATE = "watchdog.json"  # its last decision: busy, last activity, deadlines
+
+
+class RunEnv:
+    """Environment every run gets from `invoke train` (one run id on all nodes)."""
+
+    NODE_RANK = "TRAINSTACK_NODE_RANK"  # this node's index, 0 = the head
+    NUM_NODES = "TRAINSTACK_NUM_NODES"
+    NODE_IPS = "TRAINSTACK_NODE_IPS"  # private addresses in rank order, comma-separated
+    MASTER_ADDR = "TRAINSTACK_MASTER_ADDR"  # node 0's private address
+    MASTER_PORT = "TRAINSTACK_MASTER_PORT"  # for torch.distributed's rendezvous store
+    GPUS_PER_NODE = "TRAINSTACK_GPUS_PER_NODE"  # NVIDIA GPUs per node, 0 on CPU machines
+    #: Where rank 0's coordinator listens (on MASTER_ADDR); MASTER_PORT + 1 unless given.
+    COORDINATOR_PORT = "TRAINSTACK_COORDINATOR_PORT"
+
+    ALL = (NODE_RANK, NUM_NODES, NODE_IPS, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, COORDINATOR_PORT)
+
+
+DEFAULT_MASTER_PORT = 29500
 
 
 class ReadyStatus:
@@ -113,6 +145,7 @@ class Node:
     port: int = SSH_PORT
     private_ip: str = ""
     instance_id: str = ""
+    remote_root: str = ""  # "" = the stack's remote_root
 
     @classmethod
     def from_output(cls, raw: Mapping[str, Any]) -> "Node":
@@ -121,15 +154,19 @@ class Node:
             port=int(raw.get(NodeKeys.PORT) or SSH_PORT),
             private_ip=str(raw.get(NodeKeys.PRIVATE_IP) or ""),
             instance_id=str(raw.get(NodeKeys.INSTANCE_ID) or ""),
+            remote_root=str(raw.get(NodeKeys.REMOTE_ROOT) or ""),
         )
 
     def to_output(self) -> dict[str, Any]:
-        return {
+        output: dict[str, Any] = {
             NodeKeys.HOST: self.host,
             NodeKeys.PORT: self.port,
             NodeKeys.PRIVATE_IP: self.private_ip,
             NodeKeys.INSTANCE_ID: self.instance_id,
         }
+        if self.remote_root:
+            output[NodeKeys.REMOTE_ROOT] = self.remote_root
+        return output
 
 
 @dataclass(frozen=True)
@@ -154,6 +191,12 @@ class StackOutputs:
     @property
     def head(self) -> Node:
         return self.nodes[0]
+
+    def for_node(self, index: int) -> "StackOutputs":
+        """These outputs as node `index` sees them: `remote_root` is that node's own."""
+        from dataclasses import replace
+
+        return replace(self, remote_root=self.nodes[index].remote_root or self.remote_root)
 
     @classmethod
     def parse(cls, stack: str, raw: Mapping[str, Any]) -> "StackOutputs":

@@ -116,19 +116,26 @@ def fetch(
     console: "Console | None" = None,
     transport: str | None = None,
     bwlimit_kbps: int | None = None,
+    subdir: str | None = None,
 ) -> FetchResult:
-    """Fetch the results dirs and the log of `run_id` (default: the latest run)."""
+    """Fetch the results dirs and the log of `run_id` (default: the latest run).
+
+    `subdir` (e.g. "node-1", for one node of a multi-node run) puts them in
+    runs/<stack>/<run-id>/<subdir>/, with a fetch record of its own."""
     started = time.monotonic()
     mode = (transport or os.environ.get(ENV_TRANSPORT) or "auto").strip().lower()
     if mode not in ("auto", "rsync", "tar"):
         raise FetchError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
     run, listing = survey(target, conn, run_id)
     destination = local_runs_root(target) / run.run_id
+    record_key = run.run_id
+    if subdir:
+        destination, record_key = destination / subdir, f"{run.run_id}/{subdir}"
     result = FetchResult(run_id=run.run_id, destination=destination, run_active=run.active)
     record = _Record.load(Path(target.state_dir) / RECORD_FILE)
     result.files = len(listing)
     result.bytes_total = sum(f.size for f in listing.values())
-    wanted, conflicts, edited = _decide(destination, listing, record.run_files(run.run_id))
+    wanted, conflicts, edited = _decide(destination, listing, record.run_files(record_key))
     result.unchanged = len(listing) - len(wanted) - len(conflicts)
     result.conflicts = sorted(conflicts)
 
@@ -162,8 +169,9 @@ def fetch(
     # record must keep saying "not what we fetched".
     keep_out = set(conflicts) | set(edited)
     record.remember(
-        run.run_id, destination, {rel: info for rel, info in listing.items() if rel not in keep_out},
-        exact=set(listing) - keep_out - set(result.still_changing),
+        record_key, destination, {rel: info for rel, info in listing.items() if rel not in keep_out},
+        # What `invoke down` asks about is the head node's results.
+        exact=set(listing) - keep_out - set(result.still_changing) if conn.node_index == 0 else set(),
     )
     record.save()
 

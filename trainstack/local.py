@@ -1,4 +1,4 @@
-"""The local target: a real OpenSSH sshd on 127.0.0.1 standing in for a cloud machine.
+"""The local target: real OpenSSH sshds on 127.0.0.1 standing in for cloud machines.
 
 `up()` generates a host key and a client key, writes an sshd config that runs as the
 current user (no root needed: no PAM, its own host key, pid file and authorized_keys),
@@ -6,6 +6,16 @@ starts sshd on a free port, lays out the remote root like the bootstrap does (ru
 scripts in bin/, uv, ready.json) and writes outputs in the exact shape of a Pulumi
 stack's. Everything lives under `.trainstack/local/` of the project; `down()` stops the
 sshd by its pid (and every session and run it started) and removes that directory.
+
+`up(nodes=N)` plays N machines of one experiment: one sshd per node on ports of their own,
+and a remote root per node (`remote/`, `remote-1/`, ...), named in each node's output, so
+every node has its own workdir, venv and runs as a separate machine would. All nodes share
+the host key, like the machines of one stack, and their private address is 127.0.0.1, so a
+multi-node job (torchrun with gloo) runs on a laptop's CPU.
+
+The machine's Python environment is the one running `invoke` (`base-python`): the remote
+venv sees its packages, as a cloud venv sees the image's PyTorch, so a framework installed
+on the laptop is not installed again.
 """
 
 from __future__ import annotations
@@ -33,8 +43,11 @@ SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 #: The directory sshd's privilege separation chroots into when it runs as root.
 PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 15.0
+MAX_NODES = 16
 #: The bootstrap's own scripts, installed into <remote_root>/bin like on a real machine.
 BOOTSTRAP_BIN = Path(__file__).resolve().parent.parent / "bootstrap" / "bin"
+#: What `invoke train` installs beside them (see trainstack/tools.py).
+BOOTSTRAP_TOOLS = BOOTSTRAP_BIN.parent / "tools"
 
 
 def local_dir(project_dir: Path) -> Path:
@@ -59,7 +72,11 @@ class LocalTarget:
 
     @property
     def remote_root(self) -> Path:
-        return self.root / "remote"
+        return self.node_root(0)
+
+    def node_root(self, node_index: int) -> Path:
+        """Node `node_index`'s remote root: `remote/` for the head, `remote-K/` for node K."""
+        return self.root / ("remote" if node_index == 0 else f"remote-{node_index}")
 
     @property
     def host_key(self) -> Path:
@@ -90,8 +107,8 @@ class LocalTarget:
 
     def up(self, nodes: int = 1) -> contract.StackOutputs:
         """Start (or keep) the sshd and write the outputs; idempotent."""
-        if nodes != 1:
-            raise UsageError("the local target runs one node; pass --nodes 1")
+        if not 1 <= nodes <= MAX_NODES:
+            raise UsageError(f"--nodes takes a number of nodes from 1 to {MAX_NODES} (got {nodes})")
         sshd = find_sshd()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -100,14 +117,18 @@ class LocalTarget:
         ports = [int(n.get(contract.NodeKeys.PORT, 0)) for n in previous.get(contract.Outputs.NODES, [])]
         node_ports: list[int] = []
         for index in range(nodes):
-            if self.sshd_pid(index) is not None:
+            if self.sshd_pid(index) is not None and index < len(ports):
                 node_ports.append(ports[index])
                 continue
             wanted = ports[index] if index < len(ports) and _port_is_free(ports[index]) else free_port()
             self._write_sshd_config(index, wanted)
             self._start_sshd(sshd, index, wanted)
             node_ports.append(wanted)
-        self._lay_out_remote_root()
+        for index in self._node_indexes():
+            if index >= nodes:
+                self._remove_node(index)
+        for index in range(nodes):
+            self._lay_out_remote_root(index)
         outputs = self._outputs(node_ports)
         _write_json_private(self.outputs_file, dict(outputs.raw))
         return outputs
@@ -116,8 +137,8 @@ class LocalTarget:
         """Stop runs, sessions and sshd, then remove the local target. False if nothing was there."""
         if not self.root.exists():
             return False
-        self._stop_runs(grace)
         for index in self._node_indexes():
+            self._stop_runs(index, grace)
             self.stop_sshd(index)
         shutil.rmtree(self.root, ignore_errors=True)
         from trainstack.stack import stack_state_dir
@@ -241,16 +262,27 @@ class LocalTarget:
             f"sshd did not listen on {HOST}:{port} within {START_TIMEOUT:.0f} s: {_tail(log) or 'no log'}"
         )
 
-    def _lay_out_remote_root(self) -> None:
-        root = self.remote_root
+    def _remove_node(self, index: int) -> None:
+        """Stop a node beyond the requested count (its runs, its sshd) and delete its root."""
+        self._stop_runs(index, 2.0)
+        self.stop_sshd(index)
+        self.sshd_config(index).unlink(missing_ok=True)
+        self.log_file(index).unlink(missing_ok=True)
+        if index > 0:
+            shutil.rmtree(self.node_root(index), ignore_errors=True)
+
+    def _lay_out_remote_root(self, node_index: int = 0) -> None:
+        root = self.node_root(node_index)
         for sub in (contract.Remote.BIN, contract.Remote.RUNS, contract.Remote.WORKDIR, contract.Remote.CACHE):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        if BOOTSTRAP_BIN.is_dir():
-            for script in sorted(BOOTSTRAP_BIN.iterdir()):
+        # bin/ as first boot leaves it, plus the tools `invoke train` ships to cloud machines.
+        for directory in (BOOTSTRAP_BIN, BOOTSTRAP_TOOLS):
+            for script in sorted(directory.iterdir()) if directory.is_dir() else ():
                 if script.is_file():
                     target = root / contract.Remote.BIN / script.name
                     shutil.copyfile(script, target)
                     os.chmod(target, 0o755)
+        (root / contract.Remote.BASE_PYTHON).write_text(sys.executable + "\n")
         uv = find_uv()
         if uv is not None:
             _symlink(root / contract.Remote.BIN / "uv", Path(uv))
@@ -264,7 +296,7 @@ class LocalTarget:
             "status": contract.ReadyStatus.OK,
             "target": contract.LOCAL_STACK,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": shutil.which("python3") or "",
+            "python": sys.executable,
             "gpus": [],
         }
         (root / contract.Remote.READY).write_text(json.dumps(ready, indent=2) + "\n")
@@ -273,7 +305,10 @@ class LocalTarget:
         host_public = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
         raw = {
             contract.Outputs.NODES: [
-                contract.Node(host=HOST, port=port, private_ip=HOST, instance_id=f"local-{index}").to_output()
+                contract.Node(
+                    host=HOST, port=port, private_ip=HOST, instance_id=f"local-{index}",
+                    remote_root=str(self.node_root(index)),
+                ).to_output()
                 for index, port in enumerate(ports)
             ],
             contract.Outputs.SSH_USER: current_user(),
@@ -307,10 +342,10 @@ class LocalTarget:
     def _node_indexes(self) -> list[int]:
         return sorted(int(p.suffix[1:]) for p in self.root.glob("sshd_config.*") if p.suffix[1:].isdigit())
 
-    def _stop_runs(self, grace: float) -> None:
-        """Terminate the process groups of runs still going, like an instance shutting down."""
+    def _stop_runs(self, node_index: int, grace: float) -> None:
+        """Terminate the process groups of a node's runs still going, like an instance shutting down."""
         groups = []
-        for pid_file in (self.remote_root / contract.Remote.RUNS).glob(f"*/{contract.Remote.RUN_PID}"):
+        for pid_file in (self.node_root(node_index) / contract.Remote.RUNS).glob(f"*/{contract.Remote.RUN_PID}"):
             if (pid_file.parent / contract.Remote.RUN_EXIT_CODE).exists():
                 continue
             try:

@@ -17,6 +17,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,10 +59,24 @@ class Target:
     outputs_source: str = "pulumi"
     #: The `config:` mapping of Pulumi.<stack>.yaml ({} when there is none).
     config: dict[str, Any] = field(default_factory=dict)
+    #: Set by `for_node`: the node whose view of the outputs this target holds.
+    focus: int | None = None
 
     @property
     def is_local(self) -> bool:
         return self.stack == LOCAL_STACK
+
+    @property
+    def node_count(self) -> int:
+        return len(self.outputs.nodes)
+
+    def for_node(self, index: int) -> "Target":
+        """This target as node `index` sees it: `remote_path` is under that node's own root
+        (nodes of the local target share a filesystem, each with a directory of its own)."""
+        self.node(index)
+        from dataclasses import replace
+
+        return replace(self, outputs=self.outputs.for_node(index), focus=index)
 
     def node(self, index: int = 0) -> contract.Node:
         if not 0 <= index < len(self.outputs.nodes):
@@ -124,6 +139,8 @@ class Target:
             write_outputs_cache(self.state_dir, fresh)
             source = "pulumi"
         changed = dict(fresh.raw) != dict(self.outputs.raw)
+        if self.focus is not None and self.focus < len(fresh.nodes):
+            fresh = fresh.for_node(self.focus)
         self.outputs = fresh
         self.outputs_source = source
         return changed
@@ -365,7 +382,8 @@ def _write_private(path: Path, content: str) -> Path:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per thread: the nodes of a multi-node task are worked on in parallel.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(content)
