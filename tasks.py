@@ -83,30 +83,36 @@ def sync(c, stack=None, workdir=None, dry_run=False):
         "follow": "stream the log until the run ends, then exit with its exit code",
         "force": "start even while another run is active",
         "env": "KEY=VALUE for the run's environment (repeatable)",
+        "torchrun": "run the command (a script and its arguments) under torchrun on every node "
+                    "(default: the stack's trainstack:launcher)",
+        "master_port": "port of rank 0's rendezvous store (default 29500; the next port is also used)",
+        "nproc_per_node": "processes per node under torchrun (default: the node's GPUs, 1 without)",
     },
 )
 @handle_errors
-def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, force=False, env=None):
-    """Sync, install dependencies, and start a training run detached from this terminal."""
-    from trainstack import runs
+def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, force=False, env=None,
+          torchrun=False, master_port=None, nproc_per_node=None):
+    """Sync, install dependencies, and start a training run on every node, detached from this terminal."""
+    from trainstack import cluster
+    from trainstack.console import node_console
 
     target = _target(stack, workdir)
-    with _connection(target) as conn:
+    with cluster.Nodes(target, notify=note) as nodes:
+        sync_step = None
         if sync:
             from trainstack.sync import sync as sync_project
 
-            def sync_step(target, conn):
-                return sync_project(target, conn, console=_console())
+            def sync_step(node_target, conn):
+                return sync_project(node_target, conn, console=node_console(conn.node_index, len(nodes)))
 
-            runs_sync = sync_step
-        else:
-            runs_sync = None
-        run = runs.train(
-            target, conn, command=command, sync=runs_sync, force=force, env=env or (), notify=note
+        run = cluster.train(
+            target, nodes, command=command, sync=sync_step, force=force, env=env or (), torchrun=torchrun,
+            master_port=_int_option("master-port", master_port),
+            processes_per_node=_int_option("nproc-per-node", nproc_per_node), notify=note,
         )
         print(run.run_id, flush=True)
         if follow:
-            code = runs.logs(conn, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
+            code = cluster.logs(target, nodes, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
             if code:
                 raise SystemExit(code)
 
@@ -117,52 +123,105 @@ def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, fo
         "run": "run id (default: the latest run)",
         "follow": "keep streaming until the run ends (default; --no-follow prints what is there)",
         "tail": "start with the last N lines instead of the whole log",
+        "node": "the node (rank) whose log to show (default 0, the head)",
+        "all": "every node's log, interleaved, each line prefixed with its rank",
     }
 )
 @handle_errors
-def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None):
-    """Stream a run's log; exits with the run's exit code once it has ended."""
-    from trainstack import runs
+def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=None, all=False):
+    """Stream a run's log; exits with the run's exit code (a failed rank's, naming it) once it has ended."""
+    from trainstack import cluster
 
     target = _target(stack, workdir)
-    with _connection(target) as conn:
-        code = runs.logs(conn, run, follow=follow, tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note)
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    with cluster.Nodes(target, notify=note) as nodes:
+        code = cluster.logs(
+            target, nodes, run, node=rank, all_nodes=bool(all), follow=follow,
+            tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note,
+        )
     if code:
         raise SystemExit(code)
 
 
-@task(help={**COMMON_HELP, "run": "run id (default: the active run)", "grace": "seconds between SIGTERM and SIGKILL (default 10)"})
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the active run)",
+        "grace": "seconds between SIGTERM and SIGKILL (default 10)",
+        "node": "stop it on this node (rank) only (default: on every node)",
+    }
+)
 @handle_errors
-def stop(c, stack=None, workdir=None, run=None, grace=None):
-    """Stop a run: SIGTERM to its process group, SIGKILL after the grace period."""
-    from trainstack import runs
+def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
+    """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
+    from trainstack import cluster
+    from trainstack.errors import NoSuchRun, TrainstackError
 
     target = _target(stack, workdir)
-    with _connection(target) as conn:
-        seconds = _int_option("grace", grace)
-        outcome = runs.stop_run(conn, run, grace=float(10 if seconds is None else seconds))
-    success(outcome.describe())
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    seconds = _int_option("grace", grace)
+    with cluster.Nodes(target, None if rank is None else [rank], notify=note) as nodes:
+        outcomes = cluster.stop(target, nodes, run, grace=float(10 if seconds is None else seconds))
+    errors = {i: o for i, o in outcomes.items() if isinstance(o, TrainstackError) and not isinstance(o, NoSuchRun)}
+    for index, outcome in sorted(outcomes.items()):
+        prefix = "" if len(outcomes) == 1 else f"node {index}: "
+        if isinstance(outcome, NoSuchRun):
+            note(f"{prefix}{outcome}")
+        elif not isinstance(outcome, TrainstackError):
+            success(prefix + outcome.describe())
+    if errors:
+        raise errors[min(errors)]
+    if all(isinstance(o, NoSuchRun) for o in outcomes.values()):
+        raise outcomes[min(outcomes)]
 
 
-@task(help=COMMON_HELP)
+@task(help={**COMMON_HELP, "node": "only this node (rank)"})
 @handle_errors
-def status(c, stack=None, workdir=None):
+def status(c, stack=None, workdir=None, node=None):
     """Per node: reachable, bootstrap state, active run, last runs, GPUs, disk."""
     from trainstack.status import show_status
 
     target = _target(stack, workdir)
-    show_status(target)
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    show_status(target, None if rank is None else [rank])
 
 
-@task(help={**COMMON_HELP, "run": "run id (default: the latest run)"})
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the latest run)",
+        "node": "fetch from this node (rank) into runs/<stack>/<run-id>/node-K/ (default: node 0, into runs/<stack>/<run-id>/)",
+        "all_nodes": "fetch from every node, each into runs/<stack>/<run-id>/node-K/",
+    }
+)
 @handle_errors
-def fetch(c, stack=None, workdir=None, run=None):
+def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
     """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
     from trainstack.fetch import fetch as fetch_run
 
     target = _target(stack, workdir)
-    with _connection(target) as conn:
-        fetch_run(target, conn, run_id=run, console=_console())
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    if rank is None and not all_nodes:
+        with _connection(target) as conn:
+            fetch_run(target, conn, run_id=run, console=_console())
+        return
+    from trainstack.runs import show_run
+
+    if run is None:
+        with _connection(target) as head:
+            run = show_run(head).run_id
+    for index in range(target.node_count) if all_nodes else [rank]:
+        node_target = target.for_node(index)
+        with _connection(node_target, index) as conn:
+            fetch_run(node_target, conn, run_id=run, console=_console(), subdir=f"node-{index}")
 
 
 @task(help={**COMMON_HELP, "node": "node index (default 0, the head)"})
@@ -314,9 +373,11 @@ def local_up(c, nodes=None):
     from trainstack.stack import find_project_dir
 
     target = LocalTarget(find_project_dir(Path.cwd()))
-    outputs = target.up(_int_option("nodes", nodes) or 1)
-    node = outputs.head
-    success(f"local target up: {outputs.ssh_user}@{node.host}:{node.port}, remote root {outputs.remote_root}")
+    count = _int_option("nodes", nodes)
+    outputs = target.up(1 if count is None else count)
+    for index, node in enumerate(outputs.nodes):
+        label = "local target up" if len(outputs.nodes) == 1 else f"local node {index} up"
+        success(f"{label}: {outputs.ssh_user}@{node.host}:{node.port}, remote root {node.remote_root or outputs.remote_root}")
     note("use it with --stack local (or TRAINSTACK_STACK=local); stop it with `invoke local.down`")
 
 

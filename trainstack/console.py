@@ -57,3 +57,37 @@ def handle_errors(func: F) -> F:
             raise SystemExit(141) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _LinePrefixer:
+    """A text stream that writes to stderr with `prefix` at the start of every line."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                out.append(self.prefix)
+            out.append(piece)
+            self.at_line_start = piece.endswith("\n")
+        sys.stderr.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def node_console(node: int, nodes: int) -> Any:
+    """A rich Console on stderr for work on one node; with several nodes at once, its lines
+    start with `[node K] ` and it draws no progress bars (they would overwrite each other)."""
+    from rich.console import Console
+
+    if nodes <= 1:
+        return Console(stderr=True)
+    return Console(file=_LinePrefixer(f"[node {node}] "), force_terminal=False, soft_wrap=True, no_color=True)

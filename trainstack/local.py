@@ -120,7 +120,7 @@ class LocalTarget:
             if self.sshd_pid(index) is not None and index < len(ports):
                 node_ports.append(ports[index])
                 continue
-            wanted = ports[index] if index < len(ports) and _port_is_free(ports[index]) else free_port()
+            wanted = ports[index] if index < len(ports) and port_is_free(ports[index]) else free_port()
             self._write_sshd_config(index, wanted)
             self._start_sshd(sshd, index, wanted)
             node_ports.append(wanted)
@@ -403,7 +403,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     if port <= 0:
         return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

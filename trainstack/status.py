@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trainstack.connection import Connection
+from typing import Iterable
+
 from trainstack.runs import NodeStatus, describe_exit, node_status
 from trainstack.stack import Target
 
@@ -11,12 +12,13 @@ RECENT_RUNS = 5
 STATUS_RETRY_SECONDS = 10.0
 
 
-def collect(target: Target) -> list[NodeStatus]:
-    statuses = []
-    for index in range(len(target.outputs.nodes)):
-        with Connection(target, index, retry_seconds=STATUS_RETRY_SECONDS) as conn:
-            statuses.append(node_status(conn))
-    return statuses
+def collect(target: Target, indexes: Iterable[int] | None = None) -> list[NodeStatus]:
+    """Each node's status (all nodes, or those in `indexes`), asked in parallel."""
+    from trainstack.cluster import Nodes
+
+    with Nodes(target, indexes, retry_seconds=STATUS_RETRY_SECONDS) as nodes:
+        found = nodes.all(lambda _target, conn: node_status(conn))
+    return [found[index] for index in sorted(found)]
 
 
 def _duration(seconds: float | None) -> str:
@@ -32,7 +34,7 @@ def _size(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024 / 1024:.1f} GiB"
 
 
-def show_status(target: Target) -> list[NodeStatus]:
+def show_status(target: Target, indexes: Iterable[int] | None = None) -> list[NodeStatus]:
     from rich.console import Console
     from rich.table import Table
 
@@ -44,7 +46,7 @@ def show_status(target: Target) -> list[NodeStatus]:
     if outputs.region and not target.is_local:
         header += f" · {outputs.region}"
     console.print(header)
-    statuses = collect(target)
+    statuses = collect(target, indexes)
     for status in statuses:
         if not status.reachable:
             console.print(f"node {status.index} {status.address}: [red]unreachable[/] ({status.error})")
@@ -80,7 +82,7 @@ def show_status(target: Target) -> list[NodeStatus]:
                 result = "-" if run.active else describe_exit(run.exit_code)
                 table.add_row(run.run_id, run.state, run.started_at or "-", _duration(run.uptime_seconds()), result)
             console.print(table)
-    if statuses and statuses[0].reachable:
+    if statuses and statuses[0].index == 0 and statuses[0].reachable:
         from trainstack.autostop import status_lines
 
         for line in status_lines(target, retry_seconds=STATUS_RETRY_SECONDS):

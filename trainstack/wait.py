@@ -39,6 +39,7 @@ def wait_ready(
 def _wait_node(
     target: Target, index: int, deadline: float, timeout: float, poll: float, notify: Notify | None
 ) -> dict:
+    target = target.for_node(index)  # the local target's nodes each have a root of their own
     ready_path = target.remote_path(contract.Remote.READY)
     log_path = target.remote_path(contract.Remote.BOOTSTRAP_LOG)
     node = target.node(index)
