@@ -327,55 +327,72 @@ def test_tar_is_used_when_rsync_is_not_installed_here(
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
-def test_tar_is_used_when_rsync_is_missing_on_the_node(
-    local_sshd: LocalTarget, local_target: Target, tmp_path: Path
-) -> None:
-    """A second sshd on the same target whose sessions get a PATH without rsync."""
+@pytest.fixture
+def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose sessions get a PATH without rsync."""
+    import dataclasses
+
+    from trainstack.local import find_sshd, free_port
+
     bindir = tmp_path / "node-bin"
     bindir.mkdir()
-    tools = ("sh", "bash", "mkdir", "mv", "rm", "rmdir", "dd", "cat", "head", "grep", "tar", "find", "sed", "sort",
-             "comm", "xargs", "dirname", "touch", "ls", "env", "true", "cp", "chmod", "id", "uname")
-    for tool in tools:
-        found = shutil.which(tool)
-        if found:
-            os.symlink(found, bindir / tool)
-    from trainstack.local import free_port
-
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
+            if tool.name != "rsync" and not (bindir / tool.name).exists():
+                os.symlink(tool, bindir / tool.name)
     port = free_port()
-    config = local_sshd.sshd_config(0).read_text()
     config = "\n".join(
         f"Port {port}" if line.startswith("Port ")
         else f"PidFile {tmp_path / 'sshd2.pid'}" if line.startswith("PidFile ")
         else line
-        for line in config.splitlines()
+        for line in local_sshd.sshd_config(0).read_text().splitlines()
     ) + f"\nSetEnv PATH={bindir}\n"
     config_path = tmp_path / "sshd_config.norsync"
     config_path.write_text(config)
     config_path.chmod(0o600)
-    from trainstack.local import find_sshd
-
     subprocess.run([find_sshd(), "-f", str(config_path), "-E", str(tmp_path / "sshd2.log")], check=True)
     try:
-        import dataclasses
-
         node = dataclasses.replace(local_target.outputs.nodes[0], port=port)
         outputs = dataclasses.replace(local_target.outputs, nodes=(node,))
-        target = dataclasses.replace(local_target, outputs=outputs, state_dir=tmp_path / "state-norsync")
-        workdir = target.require_workdir()
-        write(workdir, "a.py", "a")
-        write(workdir, "sub/b.py", "b")
-        with Connection(target, retry_seconds=10) as conn:
-            assert conn.run("command -v rsync || echo none").stdout.strip() == "none"
-            result = sync(target, conn)
-            assert result.transport == "tar"
-            assert snapshot(remote_workdir(target)) == expected_remote(target)
-            write(workdir, "c.py", "c")
-            assert sync(target, conn).transport == "tar"
-            assert snapshot(remote_workdir(target)) == expected_remote(target)
-            conn.stop_master()
+        yield dataclasses.replace(local_target, outputs=outputs, state_dir=tmp_path / "state-norsync")
     finally:
-        pid = int((tmp_path / "sshd2.pid").read_text())
-        os.kill(pid, 15)
+        os.kill(int((tmp_path / "sshd2.pid").read_text()), 15)
+
+
+def test_tar_is_used_when_rsync_is_missing_on_the_node(node_without_rsync: Target) -> None:
+    target = node_without_rsync
+    workdir = target.require_workdir()
+    write(workdir, "a.py", "a")
+    write(workdir, "sub/b.py", "b")
+    with Connection(target, retry_seconds=10) as conn:
+        assert conn.run("command -v rsync || echo none").stdout.strip() == "none"
+        assert sync(target, conn).transport == "tar"  # a first sync streams tar anyway
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        write(workdir, "c.py", "c")
+        (workdir / "a.py").unlink()
+        result = sync(target, conn)  # rsync is tried, found missing there, and tar takes over
+        assert result.transport == "tar"
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        conn.stop_master()
+
+
+def test_fetch_uses_tar_when_rsync_is_missing_on_the_node(node_without_rsync: Target) -> None:
+    from trainstack import runs
+    from trainstack.fetch import fetch, local_runs_root
+
+    target = node_without_rsync
+    with Connection(target, retry_seconds=10) as conn:
+        run = runs.start_run(conn, "mkdir -p results && echo 0.9 > results/acc.txt && echo trained")
+        deadline = time.monotonic() + 30
+        while runs.show_run(conn, run.run_id).active:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        result = fetch(target, conn)
+        assert result.transport == "tar"
+        fetched = local_runs_root(target) / run.run_id
+        assert (fetched / "results" / "acc.txt").read_text() == "0.9\n"
+        assert b"trained" in (fetched / "log").read_bytes()
+        conn.stop_master()
 
 
 def test_sshd_killed_during_sync_then_a_retry_completes(
