@@ -6,8 +6,9 @@ is `manifest.diff` between the tree now and the manifest of the last sync. The
 machine holds a copy of that manifest beside the workdir (`Remote.SYNC_MANIFEST`);
 its digest proves the machine still holds what we last shipped.
 
-One sync is one remote invocation. rsync's remote command is a small shell
-function (`_RSYNC_WRAPPER`) that, around the real `rsync --server`:
+A no-op is one short read of the machine's manifest header over SFTP, made while
+the local tree is listed. A change is one remote invocation: rsync's remote command
+is a small shell script (`_RSYNC_WRAPPER`) that, around the real `rsync --server`:
   1. refuses to start when the machine's manifest is not the one we expect (the
      machine was replaced, another checkout synced, a sync was interrupted) — we
      then read the machine's manifest and ship the full list instead of the diff;
@@ -27,9 +28,12 @@ Content changes rsync's quick check (size + mtime) would miss — a rewrite that
 kept size and mtime — are caught by the manifest's content hashes; those files'
 mtimes are reset on the machine first, so rsync compares them for real.
 
-When rsync is missing locally or on the machine, a tar stream over the paramiko
-channel is extracted into a fresh directory beside the workdir and swapped in; the
-results dirs and every file sync did not ship are moved over first.
+A first sync (no record of an earlier one) streams everything as one tar archive
+through OpenSSH, hashing meanwhile — many small files move faster that way. The
+same tar path serves when rsync is missing locally or on the machine (or, without a
+local tar or ssh, Python's tarfile over the paramiko channel): the stream is
+extracted into a fresh directory beside the workdir, the results dirs and every
+file sync did not ship are moved into it, and it is swapped in with two renames.
 """
 
 from __future__ import annotations
