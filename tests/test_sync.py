@@ -528,3 +528,20 @@ def test_spaces_and_quotes_in_the_workdir_path(local_target: Target, tmp_path: P
         assert snapshot(remote_workdir(target)) == expected_remote(target)
         assert sync(target, conn).noop
         conn.stop_master()
+
+
+def test_project_as_its_own_workdir_ships_neither_state_nor_fetched_runs(
+    local_target: Target, project_dir: Path
+) -> None:
+    """With the experiment project itself as the workdir, `.trainstack/` (keys, the local
+    target) and `runs/` (fetched results) stay home."""
+    import dataclasses
+
+    write(project_dir, "train.py", "print(1)\n")
+    write(project_dir, "runs/local/20250101-000000-abcd/log", "fetched earlier")
+    target = dataclasses.replace(local_target, workdir=project_dir, state_dir=project_dir / ".trainstack" / "s2")
+    with Connection(target) as conn:
+        sync(target, conn)
+        conn.stop_master()
+    shipped = snapshot(remote_workdir(target))
+    assert set(shipped) == {"train.py"}
