@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         options.markdown_path.parent.mkdir(parents=True, exist_ok=True)
         options.markdown_path.write_text(report.markdown(outcome))
         print(f"wrote {options.markdown_path}")
-    return 1 if outcome.errors else 0
+    for error in outcome.errors:
+        print(f"error: {error}", file=sys.stderr)
+    # Missed timing targets are results, not failures; a broken scenario or a wrong tree is.
+    return 1 if outcome.errors or outcome.trees_wrong else 0
 
 
 if __name__ == "__main__":

@@ -66,8 +66,12 @@ TARGET_HEADERS = ["target", "measured", "holds"]
 def target_rows(outcome: Outcome) -> list[list[str]]:
     result = []
     for target in outcome.targets:
-        measured = f"{target.measured:.2f}{target.unit}" if target.unit == "×" else f"{target.measured:+.3f} s" \
-            if "add" in target.text else f"{target.measured:.3f} s"
+        if target.unit == "×":
+            measured = f"{target.measured:.2f}×"
+        elif target.unit == "s":
+            measured = f"{target.measured:+.3f} s" if "add" in target.text else f"{target.measured:.3f} s"
+        else:
+            measured = f"{target.measured:g}{target.unit}"
         result.append([target.text, measured, "yes" if target.holds else "**no**"])
     return result
 

@@ -65,10 +65,16 @@ class Outcome:
     seconds: float = 0.0
     machine: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: Targets of the whole run rather than of one scenario (correctness).
+    extra_targets: list[Target] = field(default_factory=list)
 
     @property
     def targets(self) -> list[Target]:
-        return [t for s in self.scenarios for t in s.targets]
+        return [t for s in self.scenarios for t in s.targets] + self.extra_targets
+
+    @property
+    def trees_wrong(self) -> bool:
+        return any(t.unit == " wrong" and not t.holds for t in self.extra_targets)
 
     def to_json(self) -> dict:
         return {
@@ -182,7 +188,11 @@ class Bench:
         self.outcome.machine = _machine()
         started = time.monotonic()
         try:
-            self.setup()
+            try:
+                self.setup()
+            except Exception as exc:  # no target, no project: nothing to measure
+                self.outcome.errors.append(f"setup: {exc}")
+                return self.outcome
             steps = {
                 "first-sync": self.first_sync,
                 "noop": self.noop_resync,
@@ -212,10 +222,18 @@ class Bench:
                 for series in scenario.series:
                     self.say(f"  {series.label}: median {_fmt(series.median, series.unit)} "
                              f"({_fmt(series.minimum, series.unit)}–{_fmt(series.maximum, series.unit)})")
+            self.outcome.extra_targets.append(self._correctness_target())
         finally:
             self.teardown()
             self.outcome.seconds = time.monotonic() - started
         return self.outcome
+
+    def _correctness_target(self) -> Target:
+        checked = [sample for scenario in self.outcome.scenarios for series in scenario.series
+                   if series.role == "trainstack" for sample in series.samples if sample.correct is not None]
+        wrong = sum(1 for sample in checked if not sample.correct)
+        return Target(f"tree = git's view after every trainstack run ({len(checked)} checked)", wrong, 0,
+                      unit=" wrong")
 
     # --- helpers ---------------------------------------------------------------------------
 
