@@ -131,6 +131,12 @@ class Scenario:
     def ratio(self, label: str, baseline: str) -> float:
         return self.get(label).median / self.get(baseline).median
 
+    def paired_ratio(self, label: str, baseline: str) -> float | None:
+        ours, theirs = self.get(label).values(), self.get(baseline).values()
+        if len(ours) != len(theirs) or not ours:
+            return None
+        return statistics.median(a / b for a, b in zip(ours, theirs) if b > 0)
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
@@ -138,6 +144,10 @@ class Scenario:
             "reference": self.reference,
             "ratios": {label: {base: self.ratio(label, base) for base in bases}
                        for label, bases in self.reference.items()},
+            # Run i of each command ran in the same turn: their quotient cancels a slow spell
+            # of the machine that a ratio of medians would only dilute.
+            "paired_ratio_medians": {label: {base: self.paired_ratio(label, base) for base in bases}
+                                     for label, bases in self.reference.items()},
             "targets": [t.to_json() for t in self.targets],
             "notes": self.notes,
         }
