@@ -166,7 +166,8 @@ class Bench:
 
     def teardown(self) -> None:
         if self._target_up:
-            self._stop_master()
+            if getattr(self, "target", None) is not None:
+                self._stop_master()
             try:
                 self.cli.run("local.down", check=False, timeout=120)
             except subprocess.TimeoutExpired:
