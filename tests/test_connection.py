@@ -183,7 +183,7 @@ def test_users_own_key_from_env(local_target, tmp_path: Path, monkeypatch: pytes
     with Connection(target, control_persist=0) as conn:
         assert conn.run("echo paramiko").stdout == "paramiko\n"
         argv = conn.ssh_argv()
-        assert argv[argv.index("-i") + 1] == str(own_key)
+        assert f'IdentityFile="{own_key}"' in argv
         proc = subprocess.run([*argv, conn.destination, "echo openssh"], capture_output=True, text=True, timeout=30)
         assert (proc.returncode, proc.stdout) == (0, "openssh\n")
 
@@ -200,7 +200,7 @@ def test_users_own_key_from_default_identity(local_target, tmp_path: Path, monke
     monkeypatch.setenv("HOME", str(home))
     assert target.key_file() is None
     with Connection(target, control_persist=0, retry_seconds=0) as conn:
-        assert "-i" not in conn.ssh_argv()
+        assert not any(arg.startswith("IdentityFile=") for arg in conn.ssh_argv())
         with pytest.raises(AuthenticationFailed):  # nothing in ~/.ssh, no agent: refused, not hung
             conn.run("true")
     # The user's usual key file answers for them. (OpenSSH reads ~ from the passwd entry, not
@@ -209,3 +209,31 @@ def test_users_own_key_from_default_identity(local_target, tmp_path: Path, monke
     (home / ".ssh" / "id_ed25519").chmod(0o600)
     with Connection(target, control_persist=0) as conn:
         assert conn.run("echo default-key").stdout == "default-key\n"
+
+
+def test_openssh_and_rsync_work_from_a_project_path_with_spaces_and_percent(tmp_path: Path, monkeypatch) -> None:
+    from trainstack.local import LocalTarget
+    from trainstack.stack import resolve_target
+    from trainstack.transfer import rsh_string
+
+    project = tmp_path / "my 100% project"
+    project.mkdir()
+    local = LocalTarget(project)
+    local.up()
+    try:
+        monkeypatch.delenv("TRAINSTACK_STACK", raising=False)
+        target = resolve_target("local", workdir=str(project), project_dir=project)
+        with Connection(target) as conn:
+            proc = subprocess.run([*conn.ssh_argv(), conn.destination, "echo via-ssh"],
+                                  capture_output=True, text=True, timeout=30)
+            assert (proc.returncode, proc.stdout) == (0, "via-ssh\n"), proc.stderr
+            assert conn.master_alive()  # the ControlPath with a space and a % works too
+            (project / "f.txt").write_text("payload")
+            remote = target.remote_path("copy.txt")
+            proc = subprocess.run(["rsync", "-e", rsh_string(conn.ssh_argv()), str(project / "f.txt"),
+                                   f"{conn.destination}:{remote}"], capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            assert conn.run(["cat", remote]).stdout == "payload"
+            conn.stop_master()
+    finally:
+        local.down(grace=2.0)

@@ -46,7 +46,7 @@ def test_sshd_listens_on_loopback_only(local_sshd: LocalTarget, project_dir: Pat
     addresses = {line.split()[3] for line in listening.splitlines()}
     assert addresses == {f"127.0.0.1:{port}"}
     config = local_sshd.sshd_config(0).read_text()
-    assert "PasswordAuthentication no" in config and f"AuthorizedKeysFile {local_sshd.authorized_keys}" in config
+    assert "PasswordAuthentication no" in config and f'AuthorizedKeysFile "{local_sshd.authorized_keys}"' in config
 
 
 def test_remote_root_is_laid_out_like_a_bootstrapped_machine(local_sshd: LocalTarget) -> None:

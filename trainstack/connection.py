@@ -33,6 +33,7 @@ from trainstack.errors import (
     RemoteCommandFailed,
     TargetUnreachable,
     TrainstackError,
+    UsageError,
 )
 from trainstack.stack import Target, known_hosts_name
 
@@ -388,7 +389,7 @@ class Connection:
             "-F", "/dev/null",  # the user's ~/.ssh/config must not redirect or weaken this connection
             "-p", str(self.port),
             "-l", self.user,
-            "-o", f"UserKnownHostsFile={self.target.known_hosts_file()}",  # only the pinned host key
+            "-o", f"UserKnownHostsFile={_ssh_path(self.target.known_hosts_file())}",  # only the pinned host key
             "-o", "GlobalKnownHostsFile=/dev/null",  # system-wide entries must not vouch for it
             "-o", "StrictHostKeyChecking=yes",  # unknown or changed host key: refuse, never learn
             "-o", f"HostKeyAlgorithms={key_type}",  # negotiate the key type we pinned
@@ -402,7 +403,7 @@ class Connection:
         key_path = self.target.key_file()
         if key_path is not None:
             argv[3:3] = [
-                "-i", str(key_path),  # the stack's own key (0600)
+                "-o", f"IdentityFile={_ssh_path(key_path)}",  # the stack's own key (0600)
                 "-o", "IdentitiesOnly=yes",  # offer only that key: agents with many keys trip MaxAuthTries
                 "-o", "IdentityAgent=none",
             ]
@@ -410,7 +411,7 @@ class Connection:
         if self.control_persist > 0:
             argv += [
                 "-o", "ControlMaster=auto",  # the first client becomes the master, later ones reuse it
-                "-o", f"ControlPath={self.control_path()}",  # per stack and node, in a 0700 dir
+                "-o", f"ControlPath={_ssh_path(self.control_path())}",  # per stack and node, in a 0700 dir
                 "-o", f"ControlPersist={self.control_persist}",  # keep it for the next task invocation
             ]
         else:
@@ -519,16 +520,24 @@ def _env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        from trainstack.errors import UsageError
 
         raise UsageError(f"{name}={raw!r} is not a number of seconds") from None
+
+
+def _ssh_path(path: Path) -> str:
+    """A file path as OpenSSH reads it in an option: `%` is a token there (so doubled) and a
+    space splits the value unless the value is double-quoted."""
+    text = str(path)
+    if '"' in text:
+        raise UsageError(f"OpenSSH cannot be given a path containing '\"': {text}; move the project")
+    text = text.replace("%", "%%")
+    return f'"{text}"'
 
 
 def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
     if path.is_symlink() or info.st_uid != os.getuid():
-        from trainstack.errors import UsageError
 
         raise UsageError(f"{path} is not a private directory of this user: remove it and retry")
     if info.st_mode & 0o077:

@@ -213,12 +213,14 @@ class LocalTarget:
     def _write_sshd_config(self, node_index: int, port: int) -> None:
         # Each option is here because the default would break a private, non-root sshd
         # or loosen what a test can prove about the real machine's configuration.
+        # Paths are double-quoted (the project path may hold spaces); % starts a token in
+        # AuthorizedKeysFile.
         options = [
             f"Port {port}",
             f"ListenAddress {HOST}",  # never reachable from outside this machine
-            f"HostKey {self.host_key}",  # its own key, pinned by the client through the outputs
-            f"PidFile {self.pid_file(node_index)}",  # how down() finds it; /run is root's
-            f"AuthorizedKeysFile {self.authorized_keys}",  # our client key only, not ~/.ssh
+            f'HostKey "{self.host_key}"',  # its own key, pinned by the client through the outputs
+            f'PidFile "{self.pid_file(node_index)}"',  # how down() finds it; /run is root's
+            f'AuthorizedKeysFile "{str(self.authorized_keys).replace("%", "%%")}"',  # our client key only, not ~/.ssh
             f"AllowUsers {current_user()}",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
