@@ -137,6 +137,7 @@ class Bench:
 
         self.cli = TrainstackCli(self.workspace, self.project.root)
         self.cli.install_tasks()
+        self.cli.warm_bytecode()
         self.cli.run("local.up", timeout=120)
         self._target_up = True
 
