@@ -46,7 +46,7 @@ MAX_FRUITLESS_RECONNECTS = 5
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
-    state: str  # starting | running | exited | lost
+    state: str  # starting | running | ending (the job is gone, its exit code not yet recorded) | exited | lost
     pid: int | None
     exit_code: int | None
     started_at: str | None
@@ -54,7 +54,7 @@ class RunInfo:
 
     @property
     def active(self) -> bool:
-        return self.state in ("starting", "running")
+        return self.state in ("starting", "running", "ending")
 
     @classmethod
     def parse(cls, line: str) -> "RunInfo":
