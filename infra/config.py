@@ -37,6 +37,7 @@ COMMAND = "command"
 RESULTS = "results"
 ON_IDLE = "onIdle"
 PRICE_PER_HOUR = "pricePerHour"
+LAUNCHER = "launcher"
 
 #: Defaults of Pulumi.yaml's config schema, by key without namespace. "" and 0 mean "not set".
 DEFAULTS: dict[str, Any] = {
@@ -55,12 +56,15 @@ DEFAULTS: dict[str, Any] = {
     RESULTS: list(contract.DEFAULT_RESULTS),
     ON_IDLE: "stop",
     PRICE_PER_HOUR: "",
+    LAUNCHER: "",
 }
 
 MAX_NODES = 64
 MIN_ROOT_VOLUME_GB = 8
 MAX_ROOT_VOLUME_GB = 16384  # gp3's limit
 ON_IDLE_CHOICES = ("stop", "terminate")
+#: How `invoke train` starts the command on each node: as it is (""), or under torchrun.
+LAUNCHER_CHOICES = ("", "torchrun")
 SSH_PUBLIC_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -108,6 +112,7 @@ class ExperimentConfig:
     results: tuple[str, ...] = contract.DEFAULT_RESULTS
     on_idle: str = DEFAULTS[ON_IDLE]
     price_per_hour: float | None = None
+    launcher: str = DEFAULTS[LAUNCHER]
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,6 +164,7 @@ class ExperimentConfig:
             results=tuple(get(RESULTS, _parse_str_list)),
             on_idle=get(ON_IDLE, _parse_str),
             price_per_hour=get(PRICE_PER_HOUR, _parse_optional_float),
+            launcher=get(LAUNCHER, _parse_str).strip(),
         )
 
     @classmethod
@@ -258,6 +264,8 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(RESULTS, f"entries must be paths inside the workdir, like 'results' (got {entry!r})")
     if cfg.on_idle not in ON_IDLE_CHOICES:
         raise ConfigError(ON_IDLE, f"must be one of {', '.join(ON_IDLE_CHOICES)} (got {cfg.on_idle!r})")
+    if cfg.launcher not in LAUNCHER_CHOICES:
+        raise ConfigError(LAUNCHER, f"must be torchrun, or empty to run the command as it is (got {cfg.launcher!r})")
     if cfg.price_per_hour is not None and cfg.price_per_hour < 0:
         raise ConfigError(PRICE_PER_HOUR, f"must be a price in USD per hour, 0 or more (got {cfg.price_per_hour})")
 

@@ -1,8 +1,9 @@
 """Which machine image an experiment gets, and the one seam through which the program asks AWS
 anything (image ids, region, caller): tests inject their own `CloudLookups`.
 
-- NVIDIA GPU families: the AWS Deep Learning Base OSS image (Ubuntu 22.04), which has the
-  driver, CUDA and nvidia-smi; its arm64 build for g5g.
+- NVIDIA GPU families: the AWS Deep Learning OSS PyTorch image (Ubuntu 22.04), which has the
+  driver, CUDA, nvidia-smi and PyTorch in /opt/pytorch (the run's venv is built on that Python,
+  so PyTorch is never downloaded again); its arm64 build for g5g.
 - Everything else: Canonical's Ubuntu 24.04 LTS server image for the architecture.
 - `trainstack:ami` overrides the choice.
 
@@ -36,17 +37,19 @@ class ImageSpec:
 
 
 DEEP_LEARNING_X86 = ImageSpec(
-    description="AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)",
+    description="AWS Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.x (Ubuntu 22.04)",
     owners=(AMAZON_OWNER,),
-    name_pattern="Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
+    name_pattern="Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.* (Ubuntu 22.04) *",
     architecture="x86_64",
 )
 DEEP_LEARNING_ARM64 = ImageSpec(
-    description="AWS Deep Learning ARM64 Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)",
+    description="AWS Deep Learning ARM64 AMI OSS Nvidia Driver GPU PyTorch 2.x (Ubuntu 22.04)",
     owners=(AMAZON_OWNER,),
-    name_pattern="Deep Learning ARM64 Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
+    name_pattern="Deep Learning ARM64 AMI OSS Nvidia Driver GPU PyTorch 2.* (Ubuntu 22.04) *",
     architecture="arm64",
 )
+#: Where those images keep their Python with PyTorch (a venv); trainstack-run builds on it.
+DEEP_LEARNING_PYTHON = "/opt/pytorch/bin/python3"
 UBUNTU_X86 = ImageSpec(
     description="Canonical Ubuntu 24.04 LTS (amd64)",
     owners=(CANONICAL_OWNER,),

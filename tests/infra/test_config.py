@@ -86,6 +86,7 @@ def test_defaults_table_covers_every_field_read_from_config():
     assert set(DEFAULTS) == {
         "instanceType", "nodes", "spot", "rootVolumeGb", "ami", "sshAllowedCidrs", "allowSshFromAnywhere",
         "sshPublicKey", "idleMinutes", "maxHours", "workdir", "command", "results", "onIdle", "pricePerHour",
+        "launcher",
     }
 
 
