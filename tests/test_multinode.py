@@ -3,6 +3,8 @@ types them. The torchrun jobs with PyTorch run on clean Debian hosts (tests/syst
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import json
 import os
 import shlex
@@ -18,9 +20,12 @@ import yaml
 
 from trainstack import cluster, contract, local
 from trainstack.connection import Connection
+from trainstack.deps import install_dependencies
 from trainstack.errors import UsageError
 from trainstack.local import LocalTarget
+from trainstack.runs import logs, start_run
 from trainstack.stack import resolve_target
+from trainstack.sync import sync
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = 3
@@ -261,8 +266,6 @@ def test_an_active_run_on_any_node_refuses_a_new_one_and_changes_nothing(
 ) -> None:
     target = resolve_target("local", workdir=str(workdir), project_dir=project_dir)
     with Connection(target.for_node(2), 2) as conn:
-        from trainstack.runs import start_run
-
         busy = start_run(conn, "sleep 60")
     proc = _train(project_dir, workdir, "--command", "python job.py")
     assert proc.returncode == 1
@@ -395,3 +398,46 @@ def test_torchrun_without_pytorch_fails_on_every_rank_with_a_clear_message(
     assert "cannot import PyTorch" in proc.stdout
     rank0 = (_run_dir(nodes, 0, proc.stdout.splitlines()[0]) / contract.Remote.RUN_COMMAND).read_text()
     assert shlex.split(rank0)[1:8] == ["--nnodes", "3", "--nproc-per-node", "1", "--node-rank", "0", "--master-addr"]
+
+
+# --- the venv on the machine's own Python -------------------------------------------------------
+
+
+def test_the_venv_sees_the_machines_python_packages_and_uv_does_not_install_them_again(
+    local_target, connection: Connection, workdir: Path
+) -> None:
+    """The local target's machine Python is the one running these tests, a venv holding
+    pathspec: like /opt/pytorch on a Deep Learning image, its packages reach the run's venv
+    through a .pth, and a requirement they satisfy is not installed again."""
+    installed = importlib.metadata.version("pathspec")
+    (workdir / "requirements.txt").write_text(f"pathspec=={installed}\n")
+    sync(local_target, connection)
+    assert install_dependencies(connection) == "installed"
+    venv = Path(local_target.remote_path(contract.Remote.VENV))
+    site = next(venv.glob("lib/python3*/site-packages"))
+    assert "site.addsitedir(" in (site / "_trainstack_base.pth").read_text()
+    assert not list(site.glob("pathspec*")), "pathspec was installed into the venv"
+    assert "pathspec" in (venv / ".trainstack-preinstalled").read_text().split()
+
+    run = start_run(connection, "python -c 'import pathspec, sys; print(pathspec.__file__); print(sys.prefix)'")
+    out = io.BytesIO()
+    assert logs(connection, run.run_id, out=out) == 0
+    where, prefix = out.getvalue().decode().splitlines()
+    assert where.startswith(str(Path(sys.prefix).resolve())) or where.startswith(sys.prefix)
+    assert prefix == str(venv)
+
+
+def test_a_version_the_machine_lacks_is_left_to_uv(local_target, connection: Connection, workdir: Path) -> None:
+    (workdir / "requirements.txt").write_text("# nothing yet\n")
+    sync(local_target, connection)
+    install_dependencies(connection)
+    python = Path(local_target.remote_path(contract.Remote.VENV, "bin", "python"))
+    lister = Path(local_target.remote_path(contract.Remote.BIN, "trainstack-preinstalled"))
+    requirements = workdir / "wanted.txt"
+    (workdir / "more.txt").write_text("pathspec==0.0.1 ; python_version >= '3'\n")
+    requirements.write_text("paramiko>=1  # any\n-r more.txt\ninvoke ; python_version < '3'\n")
+    listed = subprocess.run([str(python), str(lister), str(requirements)], capture_output=True, text=True, check=True)
+    names = listed.stdout.split()
+    assert "paramiko" in names  # asked for, and the machine's version satisfies it
+    assert "invoke" in names  # asked for only on Python 2: as the machine has it
+    assert "pathspec" not in names  # the machine's version is not 0.0.1: uv must install that one

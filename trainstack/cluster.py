@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, TypeVar
 
 from trainstack import contract
 from trainstack.connection import Connection
