@@ -28,16 +28,25 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, TypeVar
 from trainstack import contract
 from trainstack.connection import Connection
 from trainstack.contract import RunEnv
-from trainstack.errors import NoSuchRun, RunActive, TargetUnreachable, TrainstackError, UsageError
+from trainstack.errors import (
+    BootstrapFailed,
+    NoSuchRun,
+    RemoteCommandFailed,
+    RunActive,
+    TargetUnreachable,
+    TrainstackError,
+    UsageError,
+)
 from trainstack.runs import (
+    SECTION,
     LogCursor,
     RunInfo,
     StopOutcome,
     describe_exit,
     new_run_id,
-    node_status,
     parse_env,
     runner,
+    runner_call,
     show_run,
     start_run,
     stop_run,
@@ -300,41 +309,56 @@ def train(
         target.require_workdir()
     run_id = run_id or new_run_id()
 
-    def preflight(node_target: "Target", conn: Connection) -> int:
-        status = node_status(conn)
-        if not status.reachable:
-            raise TargetUnreachable(status.error or f"cannot reach {conn.describe()}")
-        if status.error:
-            raise TrainstackError(status.error)
-        active = [run for run in status.runs or [] if run.active]
+    from trainstack import deps, tools
+
+    venv = contract.Remote.VENV
+
+    def preflight(node_target: "Target", conn: Connection) -> tuple[int, str | None]:
+        """One round trip: the first boot's outcome (and GPUs), the node's runs, its tools'
+        digests, its last install's hash."""
+        q = shlex.quote
+        marker = f"printf '\\n%s\\n' {q(SECTION)}"
+        python = q(node_target.remote_path(venv, "bin", "python"))
+        script = (
+            f"cat {q(node_target.remote_path(contract.Remote.READY))} 2>/dev/null; {marker}; "
+            f"{q(runner(node_target))} list; rc=$?; {marker}; {tools.digest_command(conn)}; {marker}; "
+            f"[ -x {python} ] && echo venv && cat {q(node_target.remote_path(venv, deps.RECORD))} 2>/dev/null; exit $rc"
+        )
+        result = conn.run(script, check=False)
+        if result.exit_code == 127 and "trainstack-run" in result.stderr:
+            runner_call(conn, ["list"])  # raises BootstrapFailed, naming what is missing
+        ready, listing, digests, installed = (result.stdout.split(f"\n{SECTION}\n") + ["", "", ""])[:4]
+        if not result.ok:
+            raise RemoteCommandFailed(f"listing the runs on {conn.describe()} failed: {result.stderr.strip()}", result)
+        try:
+            state = json.loads(ready) if ready.strip() else {}
+        except ValueError:
+            state = {}
+        if state.get("status") != contract.ReadyStatus.OK:
+            raise BootstrapFailed(
+                f"{conn.describe()} has not finished its first-boot setup "
+                f"({state.get('status') or 'no ready.json yet'}): run `invoke wait` first"
+            )
+        active = [run for run in map(RunInfo.parse, filter(str.strip, listing.splitlines())) if run.active]
         if active and not force:
             raise RunActive(
                 f"run {active[-1].run_id} is still active on node {conn.node_index}: watch it with "
                 f"`invoke logs --run {active[-1].run_id}`, end it with `invoke stop --run {active[-1].run_id}`, "
                 "or start another anyway with --force"
             )
-        from trainstack.tools import ensure_tools
+        tools.install(conn, tools.stale(digests))
+        lines = installed.split()
+        # What the venv was last built from: None when there is no venv; "" when built from no file.
+        built_from = None if lines[:1] != ["venv"] else (lines[1] if len(lines) > 1 else "")
+        return len(state.get("gpus") or []), built_from
 
-        ensure_tools(conn)
-        return len(status.gpus or [])
-
-    gpus = nodes.all(preflight)
+    found = nodes.all(preflight)
+    gpus = {rank: count for rank, (count, _) in found.items()}
     if len(set(gpus.values())) > 1 and notify is not None:
         notify(f"the nodes have different GPU counts ({gpus}); each runs {min(gpus.values()) or 1} process(es)")
     layout = Layout(ips=private_ips(target), master_port=port, gpus_per_node=min(gpus.values()))
     nproc = processes_per_node or layout.processes_per_node
-    if sync is not None:
-        nodes.all(sync)
-    from trainstack.deps import install_dependencies
-
-    outcomes = nodes.all(lambda _target, conn: install_dependencies(conn))
-    if notify is not None:
-        from trainstack.deps import MESSAGES
-
-        for outcome in sorted(set(outcomes.values())):
-            where = "" if len(nodes) == 1 else f" (node{'s' if list(outcomes.values()).count(outcome) > 1 else ''} " \
-                f"{', '.join(str(i) for i, o in outcomes.items() if o == outcome)})"
-            notify(MESSAGES.get(outcome, outcome) + where)
+    wanted = deps.spec_hash(target.require_workdir()) if sync is not None else None
 
     commands = {
         rank: torchrun_line(
@@ -342,11 +366,28 @@ def train(
         ) if launcher == TORCHRUN else command
         for rank in nodes.indexes
     }
-    started = nodes.each(
-        lambda node_target, conn: start_run(
-            conn, commands[conn.node_index], {**variables, **layout.env(conn.node_index)}, force=force, run_id=run_id
-        )
-    )
+    installs: dict[int, str] = {}
+
+    def prepare_and_start(node_target: "Target", conn: Connection) -> RunInfo:
+        """Sync, install the dependencies (unless the sync just shipped the very file the node's
+        venv was built from, or there is none and never was), start. Each node goes at its own
+        pace: torchrun's rendezvous and rank 0's coordinator wait for the late ones."""
+        rank = conn.node_index
+        if sync is not None:
+            sync(node_target, conn)
+        built_from = found[rank][1]
+        if sync is not None and built_from is not None and (wanted or "") == built_from:
+            installs[rank] = "skipped" if wanted is not None else "none"
+        else:
+            installs[rank] = deps.install_dependencies(conn)
+        return start_run(conn, commands[rank], {**variables, **layout.env(rank)}, force=force, run_id=run_id)
+
+    started = nodes.each(prepare_and_start)
+    if notify is not None:
+        for outcome in sorted(set(installs.values())):
+            ranks = [rank for rank, done in sorted(installs.items()) if done == outcome]
+            where = "" if len(nodes) == 1 else f" (node{'s' if len(ranks) > 1 else ''} {_ranks(ranks)})"
+            notify(deps.MESSAGES.get(outcome, outcome) + where)
     failed = {rank: result for rank, result in started.items() if isinstance(result, TrainstackError)}
     if failed:
         running = [rank for rank in started if rank not in failed]
@@ -355,6 +396,8 @@ def train(
         rank = min(failed)
         stopped = f"; stopped it on node{'s' if len(running) > 1 else ''} {_ranks(running)}" if running else ""
         error = failed[rank]
+        if len(nodes) == 1 and not running:
+            raise error  # one node: the error as it is
         raise type(error)(f"run {run_id} did not start on node {rank}: {error}{stopped}")
     pids = {rank: result.pid for rank, result in started.items()}  # type: ignore[union-attr]
     if notify is not None:

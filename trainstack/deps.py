@@ -9,6 +9,8 @@ libraries on a Deep Learning AMI) are used as installed instead of downloaded ag
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from trainstack.errors import DependencyInstallFailed
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
     from trainstack.connection import Connection
 
 Notify = Callable[[str], None]
+
+#: What the runner installs from, in this order (the first present wins).
+SPECS = ("requirements.txt", "pyproject.toml")
+#: Where the runner records the hash of the last successful install (in the venv).
+RECORD = ".trainstack-deps"
 
 MESSAGES = {
     "none": "no requirements.txt or pyproject.toml: nothing to install",
@@ -42,3 +49,12 @@ def install_dependencies(conn: "Connection", notify: Notify | None = None) -> st
     if notify is not None:
         notify(MESSAGES.get(outcome, outcome))
     return outcome
+
+
+def spec_hash(workdir: Path) -> str | None:
+    """The hash `trainstack-run deps` computes for the project's dependency file (None: none)."""
+    for spec in SPECS:
+        path = workdir / spec
+        if path.is_file():
+            return hashlib.sha256(f"{spec}\n".encode() + path.read_bytes()).hexdigest()
+    return None

@@ -234,6 +234,10 @@ class LocalTarget:
             "ClientAliveCountMax 4",
             "MaxStartups 64:30:128",  # tests and multiplexed clients open connections in bursts
             "MaxSessions 64",  # ControlMaster multiplexes many sessions over one connection
+            # Not a top-level shell: bash then skips ~/.bashrc for each remote command, as a cloud
+            # image's does (Ubuntu's returns at once when not interactive). A laptop's .bashrc
+            # (conda, pyenv, nvm init) would cost every command a few hundred milliseconds.
+            "SetEnv SHLVL=1",
             "LogLevel INFO",
         ]
         path = self.sshd_config(node_index)

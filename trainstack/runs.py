@@ -423,15 +423,27 @@ class NodeStatus:
     load: str = ""
     gpus: list[str] | None = None
     runs: list[RunInfo] | None = None
+    extra: str = ""
 
 
-def node_status(conn: "Connection") -> NodeStatus:
+#: Separates the sections of one remote command's output (a byte no runner output contains).
+SECTION = "\x1etrainstack-section\x1e"
+
+
+def node_status(conn: "Connection", extra: str = "") -> NodeStatus:
+    """The node's facts and runs in one round trip. `extra`, a shell snippet built from quoted
+    parts, runs after them; what it prints is kept in `NodeStatus.extra`."""
     import json
 
     status = NodeStatus(conn.node_index, f"{conn.host}:{conn.port}", reachable=False)
+    r = shlex.quote(runner(conn.target))
+    marker = f"printf '\\n%s\\n' {shlex.quote(SECTION)}"
+    script = f"{r} info; rc=$?; {marker}; {r} list; {marker}; {extra or ':'}; exit $rc"
     try:
-        info = runner_call(conn, ["info"])
-        listing = runner_call(conn, ["list"])
+        result = conn.run(script, check=False)
+        if result.exit_code == 127 and "trainstack-run" in result.stderr:
+            runner_call(conn, ["info"])  # raises BootstrapFailed, naming what is missing
+        info_text, listing_text, status.extra = (result.stdout.split(f"\n{SECTION}\n") + ["", ""])[:3]
     except (TargetUnreachable, BootstrapFailed) as exc:
         status.error = str(exc)
         status.reachable = isinstance(exc, BootstrapFailed)
@@ -439,7 +451,7 @@ def node_status(conn: "Connection") -> NodeStatus:
         return status
     status.reachable = True
     status.gpus = []
-    for line in info.stdout.splitlines():
+    for line in info_text.splitlines():
         key, _, value = line.partition("\t")
         if key == "ready":
             if value == "missing":
@@ -459,7 +471,7 @@ def node_status(conn: "Connection") -> NodeStatus:
             status.load = value
         elif key == "gpu":
             status.gpus.append(value)
-    status.runs = [RunInfo.parse(line) for line in listing.stdout.splitlines() if line.strip()] if listing.ok else []
+    status.runs = [RunInfo.parse(line) for line in listing_text.splitlines() if line.strip()]
     return status
 
 

@@ -9,8 +9,11 @@ and copied when missing or different — so a machine also gets newer versions o
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 import shlex
+import tarfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,27 +30,50 @@ def local_tools() -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(TOOLS_DIR.iterdir()) if path.is_file()}
 
 
-def ensure_tools(conn: "Connection") -> list[str]:
-    """Copy the tools the node lacks (or holds in another version); returns their names."""
-    tools = local_tools()
+def digest_command(conn: "Connection") -> str:
+    """A shell snippet printing `sha256sum`'s lines for the node's copies of the tools."""
     bin_dir = conn.target.remote_path(contract.Remote.BIN)
-    paths = [posixpath.join(bin_dir, name) for name in tools]
-    listing = conn.run(["sha256sum", *paths], check=False).stdout
+    return f"cd {shlex.quote(bin_dir)} 2>/dev/null && sha256sum {' '.join(shlex.quote(n) for n in local_tools())} 2>/dev/null"
+
+
+def stale(listing: str) -> list[str]:
+    """The tools whose node copy (as `digest_command` printed them) is missing or different."""
     present = {}
     for line in listing.splitlines():
-        digest, _, path = line.partition("  ")
-        present[posixpath.basename(path)] = digest
-    stale = [name for name, content in tools.items() if present.get(name) != hashlib.sha256(content).hexdigest()]
-    for name in stale:
-        path = posixpath.join(bin_dir, name)
-        # Written aside and renamed: a runner starting meanwhile never sees half a file.
-        script = f"umask 022 && mkdir -p {shlex.quote(bin_dir)} && cat >{shlex.quote(path)}.new && " \
-                 f"chmod 0755 {shlex.quote(path)}.new && mv -f {shlex.quote(path)}.new {shlex.quote(path)}"
-        result = conn.run(["sh", "-c", script], stdin=tools[name], check=False)
-        if not result.ok:
-            raise RemoteCommandFailed(
-                f"installing {name} into {bin_dir} on {conn.describe()} failed: "
-                f"{result.stderr.strip() or f'exit code {result.exit_code}'} (is the machine set up? `invoke wait`)",
-                result,
-            )
-    return stale
+        digest, _, name = line.strip().partition("  ")
+        present[posixpath.basename(name)] = digest
+    return [name for name, content in local_tools().items() if present.get(name) != hashlib.sha256(content).hexdigest()]
+
+
+def install(conn: "Connection", names: list[str]) -> None:
+    """Copy these tools into the node's bin/ in one round trip (a tar on stdin)."""
+    if not names:
+        return
+    tools = local_tools()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(tools[name]), 0o755, int(time.time())
+            archive.addfile(info, io.BytesIO(tools[name]))
+    bin_dir = shlex.quote(conn.target.remote_path(contract.Remote.BIN))
+    # Unpacked aside and renamed: a runner starting meanwhile never sees half a file.
+    script = (
+        f"set -e; umask 022; mkdir -p {bin_dir}; d=$(mktemp -d {bin_dir}/.tools.XXXXXX); "
+        f'tar -x --no-same-owner -f - -C "$d"; for f in "$d"/*; do mv -f "$f" {bin_dir}/; done; rmdir "$d"'
+    )
+    result = conn.run(["sh", "-c", script], stdin=buffer.getvalue(), check=False)
+    if not result.ok:
+        raise RemoteCommandFailed(
+            f"installing {', '.join(names)} into {conn.target.remote_path(contract.Remote.BIN)} on "
+            f"{conn.describe()} failed: {result.stderr.strip() or f'exit code {result.exit_code}'} "
+            "(is the machine set up? `invoke wait`)",
+            result,
+        )
+
+
+def ensure_tools(conn: "Connection") -> list[str]:
+    """Copy the tools the node lacks (or holds in another version); returns their names."""
+    names = stale(conn.run(digest_command(conn), check=False).stdout)
+    install(conn, names)
+    return names

@@ -1,0 +1,165 @@
+"""`python -m bench.multinode`: how long `invoke train` takes to start a run on N nodes against
+one node, on the local target (N sshds on 127.0.0.1, each node with its own remote root).
+
+The work per node runs in parallel (a thread and a connection per node), so starting on three
+nodes should cost little more than on one: the target is at most 1.5 times the one-node time.
+
+Two scenarios, each timed as a user types it (a fresh `invoke train --command true` process,
+to the moment it has printed the run id):
+
+* first start: a node that has never seen the project (fresh remote roots: the tools are
+  installed, the whole tree is shipped, the venv built);
+* next start: nothing changed since the last run (sync finds nothing to send).
+
+Runs alternate between the one-node and the N-node target, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INVOKE = Path(sys.executable).with_name("invoke")
+TARGET_RATIO = 1.5
+
+
+@dataclass
+class Series:
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def write_project(code: Path, files: int, seed: int) -> int:
+    """A small training project: Python modules in packages and a requirements file; its size."""
+    rng = random.Random(seed)
+    total = 0
+    for index in range(files):
+        package = code / f"pkg{index % 10}"
+        package.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"def f{i}(x):\n    return x * {rng.randint(1, 999)}\n\n" for i in range(rng.randint(20, 80)))
+        path = package / f"mod{index}.py"
+        path.write_text(body)
+        total += len(body)
+    (code / "train.py").write_text("print('training')\n")
+    (code / "requirements.txt").write_text("# the machine's own packages suffice\n")
+    return total
+
+
+def _env(code: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSTACK_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a warm bytecode cache, as on a user's machine
+    env.update(TRAINSTACK_STACK="local", TRAINSTACK_WORKDIR=str(code), NO_COLOR="1")
+    return env
+
+
+def invoke(project: Path, code: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(INVOKE), "--search-root", str(REPO), *args], cwd=project, env=_env(code),
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"`invoke {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    return proc
+
+
+class Target:
+    """One project with its local target of `nodes` nodes."""
+
+    def __init__(self, workspace: Path, code: Path, nodes: int) -> None:
+        self.project = workspace / f"project-{nodes}"
+        self.project.mkdir()
+        self.code = code
+        self.nodes = nodes
+
+    def fresh(self) -> None:
+        """A target whose nodes have never seen the project."""
+        invoke(self.project, self.code, "local.down")
+        invoke(self.project, self.code, "local.up", "--nodes", str(self.nodes))
+
+    def start(self) -> float:
+        started = time.perf_counter()
+        proc = invoke(self.project, self.code, "train", "--command", "python train.py")
+        elapsed = time.perf_counter() - started
+        self._wait_ended(proc.stdout.strip().splitlines()[-1])
+        return elapsed
+
+    def _wait_ended(self, run_id: str) -> None:
+        from trainstack import contract
+        from trainstack.local import LocalTarget
+
+        local = LocalTarget(self.project)
+        deadline = time.monotonic() + 60
+        for index in range(self.nodes):
+            code = local.node_root(index) / contract.Remote.RUNS / run_id / contract.Remote.RUN_EXIT_CODE
+            while not code.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"run {run_id} did not end on node {index}")
+                time.sleep(0.05)
+
+    def down(self) -> None:
+        invoke(self.project, self.code, "local.down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.multinode", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per scenario and target (default 5); medians shown")
+    parser.add_argument("--nodes", type=int, default=3, help="nodes of the larger target (default 3)")
+    parser.add_argument("--files", type=int, default=600, help="Python modules in the project (default 600)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample as JSON")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.nodes < 2 or args.files < 1:
+        parser.error("--runs and --files must be at least 1, --nodes at least 2")
+
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and shutil.disk_usage("/dev/shm").free > 2**30 else None
+    workspace = Path(tempfile.mkdtemp(prefix="trainstack-bench-multinode-", dir=base))
+    results: dict[str, dict[int, Series]] = {"first start": {}, "next start": {}}
+    try:
+        code = workspace / "code"
+        size = write_project(code, args.files, seed=1)
+        targets = [Target(workspace, code, 1), Target(workspace, code, args.nodes)]
+        for scenario in results:
+            for target in targets:
+                results[scenario][target.nodes] = Series()
+        for turn in range(args.runs):
+            order = targets if turn % 2 == 0 else list(reversed(targets))
+            for target in order:
+                target.fresh()
+                results["first start"][target.nodes].seconds.append(target.start())
+                results["next start"][target.nodes].seconds.append(target.start())
+        for target in targets:
+            target.down()
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+    print(f"invoke train on the local target: {args.files + 2} files ({size / 2**20:.1f} MiB), "
+          f"median of {args.runs} runs, {os.cpu_count()} CPUs")
+    print(f"{'scenario':<12} {'1 node':>8} {f'{args.nodes} nodes':>8} {'ratio':>6}  target ≤ {TARGET_RATIO}×")
+    for scenario, by_nodes in results.items():
+        one, many = by_nodes[1].median, by_nodes[args.nodes].median
+        ratio = many / one
+        verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+        print(f"{scenario:<12} {one:>7.2f}s {many:>7.2f}s {ratio:>5.2f}×  {verdict}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {s: {str(n): series.seconds for n, series in by.items()} for s, by in results.items()}, indent=2
+        ))
+    # A missed target is a result, printed as such; only a run that could not be made fails.
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
