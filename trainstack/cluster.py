@@ -431,7 +431,6 @@ class Outcome:
     ranks: dict[int, RankEnd]
     #: From rank 0's coordinator: the rank that ended the run, its exit code and how it ended.
     verdict: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def active(self) -> list[int]:
@@ -605,9 +604,10 @@ class Enforcer:
                 if time.monotonic() - failed_since < CLIENT_STOP_AFTER_SECONDS:
                     continue
                 if self.notify is not None:
+                    still = f"rank{'s' if len(active) > 1 else ''} {_ranks(active)} {'are' if len(active) > 1 else 'is'}"
                     self.notify(
-                        f"rank {_ranks(failed)} ended ({describe_exit(infos[failed[0]].exit_code)}) but rank "
-                        f"{_ranks(active)} still run: stopping them"
+                        f"rank {failed[0]} ended ({describe_exit(infos[failed[0]].exit_code)}) but {still} "
+                        "still running: stopping the run from here"
                     )
                 nodes.each(lambda _t, conn: stop_run(conn, self.run_id, grace=STOP_GRACE_SECONDS), active)
 

@@ -3,8 +3,10 @@
 The node-side work is `trainstack-run deps`: it picks requirements.txt (else pyproject.toml) in
 the synced workdir, hashes it, and when the hash differs from the last successful install runs
 `uv pip install` into <remote_root>/venv with the uv cache in <remote_root>/cache/uv. The venv
-is created with --system-site-packages, so frameworks the image already ships (PyTorch, CUDA
-libraries on a Deep Learning AMI) are used as installed instead of downloaded again.
+is built on the image's Python (`base-python`, else the Deep Learning images' /opt/pytorch,
+else python3) with --system-site-packages, and the packages that Python already has are kept
+out of uv's resolution (bootstrap/tools/trainstack-preinstalled): frameworks the image ships
+(PyTorch, CUDA libraries on a Deep Learning AMI) are used as installed, never downloaded again.
 """
 
 from __future__ import annotations
