@@ -149,7 +149,8 @@ def test_first_sync_ships_exactly_the_selection(local_target: Target, connection
     assert remote["outside-link"] == ("link", str(tmp_path / "outside" / "secret"))
     assert not any(rel.startswith("outside-link/") for rel in remote)
     assert remote["run.sh"][2] is True  # the executable bit survives
-    # A first sync streams everything with tar; later ones send differences with rsync.
+    # A first sync streams everything with tar; a small change set goes as one tar stream
+    # to one remote shell, larger ones (or with rsync asked for) through rsync.
     assert result.transport == "tar" and not result.noop
     assert result.files == len(remote) and result.transferred == len(remote)
     assert result.bytes_sent > sum(len(v[1]) for v in remote.values() if v[0] == "file")
@@ -157,7 +158,13 @@ def test_first_sync_ships_exactly_the_selection(local_target: Target, connection
     (workdir / "train.py").write_text("print('v2')\n")
     (workdir / "keep.log").unlink()
     result = sync(local_target, connection)
-    assert result.transport == "rsync" and sorted(result.changes) == ["- keep.log", "~ train.py"]
+    assert result.transport == "tar-stream" and sorted(result.changes) == ["- keep.log", "~ train.py"]
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+    (workdir / "train.py").write_text("print('v3')\n")
+    (workdir / "pkg" / "added.py").write_text("added\n")
+    result = sync(local_target, connection, transport="rsync")
+    assert result.transport == "rsync" and sorted(result.changes) == ["+ pkg/added.py", "~ train.py"]
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
@@ -185,7 +192,7 @@ def test_noop_sync_does_not_run_rsync(local_target: Target, connection: Connecti
     write(workdir, "pkg/b.py", "b")
     sync(local_target, connection)
     write(workdir, "pkg/b.py", "b2")
-    sync(local_target, connection)
+    sync(local_target, connection, transport="rsync")
     calls = rsync_calls.read_text().count("call")
     assert calls >= 1
     before = {p: p.stat().st_mtime_ns for p in remote_workdir(local_target).rglob("*")}
@@ -198,8 +205,9 @@ def test_noop_sync_does_not_run_rsync(local_target: Target, connection: Connecti
     assert "already in sync" in result.summary()
 
 
+@pytest.mark.parametrize("transport", ["tar-stream", "rsync"])
 def test_changed_content_with_same_size_and_mtime_is_synced(
-    local_target: Target, connection: Connection, rsync_calls: Path
+    local_target: Target, connection: Connection, rsync_calls: Path, transport: str
 ) -> None:
     workdir = local_target.require_workdir()
     path = write(workdir, "config.yaml", "lr: 0.001\n")
@@ -217,14 +225,16 @@ def test_changed_content_with_same_size_and_mtime_is_synced(
     )
     assert "config.yaml" not in quick.stdout
 
-    result = sync(local_target, connection)
+    result = sync(local_target, connection, transport="rsync" if transport == "rsync" else None)
+    assert result.transport == transport
     assert (remote_workdir(local_target) / "config.yaml").read_text() == "lr: 0.009\n"
     assert result.transferred == 1
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
+@pytest.mark.parametrize("transport", ["tar-stream", "rsync"])
 def test_deletions_propagate_but_results_and_node_files_are_untouched(
-    local_target: Target, connection: Connection
+    local_target: Target, connection: Connection, transport: str
 ) -> None:
     workdir = local_target.require_workdir()
     write(workdir, "keep.py", "keep")
@@ -246,7 +256,8 @@ def test_deletions_propagate_but_results_and_node_files_are_untouched(
     write(workdir, ".gitignore", "becomes-ignored.txt\n")
     write(workdir, "results/metrics.json", "a local file of the same name is never shipped")
     write(workdir, "checkpoints/step-100.pt", "neither is this")
-    result = sync(local_target, connection)
+    result = sync(local_target, connection, transport="rsync" if transport == "rsync" else None)
+    assert result.transport == transport
 
     after = snapshot(remote)
     assert "gone.py" not in after and "olddir/a.py" not in after and "olddir/sub/b.py" not in after
@@ -370,6 +381,10 @@ def test_tar_is_used_when_rsync_is_missing_on_the_node(node_without_rsync: Targe
         assert snapshot(remote_workdir(target)) == expected_remote(target)
         write(workdir, "c.py", "c")
         (workdir / "a.py").unlink()
+        result = sync(target, conn)  # a small change set needs no rsync on the node
+        assert result.transport == "tar-stream"
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        write(workdir, "big.bin", os.urandom(2 << 20))  # big enough for rsync's delta transfer
         result = sync(target, conn)  # rsync is tried, found missing there, and tar takes over
         assert result.transport == "tar"
         assert snapshot(remote_workdir(target)) == expected_remote(target)
@@ -471,7 +486,7 @@ def test_node_manifest_patched_in_place_equals_the_local_record(
     local_target: Target, connection: Connection, rsync_calls: Path
 ) -> None:
     workdir = local_target.require_workdir()
-    for i in range(30):
+    for i in range(300):
         write(workdir, f"pkg/m{i}.py", f"# {i}\n")
     write(workdir, "ünï côdé/x y.py", "x")
     node_manifest = Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST
@@ -484,8 +499,21 @@ def test_node_manifest_patched_in_place_equals_the_local_record(
     write(workdir, "pkg/new.py", "# new\n")
     (workdir / "pkg" / "m7.py").unlink()
     result = sync(local_target, connection)
+    assert result.transport == "tar-stream"
     assert node_manifest.read_bytes() == local_record.read_bytes()
-    assert result.bytes_sent < 2000  # a patch, not the whole manifest
+    # A patch, not the whole manifest (the archive's 512-byte blocks and the script included).
+    assert result.bytes_sent < 8000 < len(local_record.read_bytes()) // 4
+    parsed = Manifest.read(node_manifest)
+    assert parsed is not None and "pkg/new.py" in parsed.entries and "pkg/m7.py" not in parsed.entries
+
+    # The same through rsync.
+    write(workdir, "pkg/m4.py", "# changed\n")
+    write(workdir, "pkg/new2.py", "# new\n")
+    (workdir / "pkg" / "m8.py").unlink()
+    result = sync(local_target, connection, transport="rsync")
+    assert result.transport == "rsync"
+    assert node_manifest.read_bytes() == local_record.read_bytes()
+    assert result.bytes_sent < 2000
     parsed = Manifest.read(node_manifest)
     assert parsed is not None and "pkg/new.py" in parsed.entries and "pkg/m7.py" not in parsed.entries
     assert _read_remote_header(connection, _RemoteLayout.of(local_target)) == parsed.digest
@@ -524,7 +552,9 @@ def test_spaces_and_quotes_in_the_workdir_path(local_target: Target, tmp_path: P
     with Connection(target) as conn:
         assert sync(target, conn).transport == "tar"
         write(workdir, "a.py", "a2")
-        assert sync(target, conn).transport == "rsync"
+        assert sync(target, conn).transport == "tar-stream"
+        write(workdir, "it's here/b.py", "b2")
+        assert sync(target, conn, transport="rsync").transport == "rsync"
         assert snapshot(remote_workdir(target)) == expected_remote(target)
         assert sync(target, conn).noop
         conn.stop_master()
@@ -545,3 +575,130 @@ def test_project_as_its_own_workdir_ships_neither_state_nor_fetched_runs(
         conn.stop_master()
     shipped = snapshot(remote_workdir(target))
     assert set(shipped) == {"train.py"}
+
+
+# --- a small change set over one remote shell -------------------------------------------------
+
+
+def stream_dirs(target: Target) -> list[Path]:
+    scratch = Path(target.outputs.remote_root) / ".trainstack-sync.tmp"
+    return list(scratch.glob("stream-*"))
+
+
+def test_small_change_set_goes_over_one_remote_shell(
+    local_target: Target, connection: Connection, rsync_calls: Path, tmp_path: Path
+) -> None:
+    """Edits, additions in new dirs, deletions, odd names, a mode change and a changed
+    symlink: one tar stream, no rsync, the tree equal to git's view, the node's own
+    files and results untouched."""
+    workdir = local_target.require_workdir()
+    write(workdir, "train.py", "v1\n")
+    write(workdir, "run.sh", "#!/bin/sh\n")
+    write(workdir, "with space/ünïcödé file.py", "u1")
+    write(workdir, "-leading-dash.py", "d1")
+    write(workdir, "old/deep/gone.py", "gone")
+    (workdir / "link").symlink_to("train.py")
+    sync(local_target, connection)
+    remote = remote_workdir(local_target)
+    write(remote, "results/metrics.json", '{"acc": 0.9}')
+    write(remote, "made-on-the-node.txt", "node's own")
+    node_results = snapshot(remote / "results")
+    calls = rsync_calls.read_text().count("call")
+
+    write(workdir, "train.py", "v2 longer\n")
+    (workdir / "run.sh").chmod(0o755)
+    write(workdir, "with space/ünïcödé file.py", "u2")
+    write(workdir, "-leading-dash.py", "d2")
+    write(workdir, "new dir/-x/it's new.py", "n")
+    write(workdir, "odd\nname.txt", "newline")
+    shutil.rmtree(workdir / "old")
+    (workdir / "link").unlink()
+    (workdir / "link").symlink_to("run.sh")
+    write(workdir, "results/metrics.json", "a local file of the same name is never shipped")
+    result = sync(local_target, connection)
+
+    assert result.transport == "tar-stream"
+    assert rsync_calls.read_text().count("call") == calls  # rsync was not started at all
+    after = snapshot(remote, skip=("results",))
+    assert after == {**expected_remote(local_target), "made-on-the-node.txt": ("file", b"node's own", False)}
+    assert after["run.sh"][2] is True and after["link"] == ("link", "run.sh")
+    assert not (remote / "old").exists()  # the emptied dirs went with the deleted file
+    assert snapshot(remote / "results") == node_results
+    assert result.deleted == 1 and result.transferred == 7
+    assert not stream_dirs(local_target)
+    node_manifest = Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST
+    assert node_manifest.read_bytes() == (Path(local_target.state_dir) / "sync" / "node0.manifest").read_bytes()
+    assert sync(local_target, connection).noop
+
+    # A file big enough for rsync's delta transfer goes through rsync.
+    write(workdir, "big.bin", os.urandom(2 << 20))
+    assert sync(local_target, connection).transport == "rsync"
+    assert snapshot(remote, skip=("results",)) == {
+        **expected_remote(local_target), "made-on-the-node.txt": ("file", b"node's own", False)
+    }
+
+
+def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(
+    local_target: Target, connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainstack import sync as sync_module
+
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a1")
+    write(workdir, "gone.py", "gone")
+    write(workdir, "blob.bin", os.urandom(200_000))
+    sync(local_target, connection)
+    remote = remote_workdir(local_target)
+    before = snapshot(remote)
+
+    write(workdir, "a.py", "a2")
+    write(workdir, "blob.bin", os.urandom(300_000))
+    write(workdir, "new.py", "new")
+    (workdir / "gone.py").unlink()
+    seen: list[dict[str, tuple]] = []
+    real_deliver = sync_module._StreamPush._deliver
+
+    def killed_half_way(self: object, proc: subprocess.Popen, archive: bytes) -> bytes:
+        assert proc.stdin is not None
+        proc.stdin.write(archive[: len(archive) // 2])
+        proc.stdin.flush()
+        proc.kill()  # the ssh client dies mid-stream
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while stream_dirs(local_target) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the node's shell notices the broken stream and cleans up
+        seen.append(snapshot(remote))
+        monkeypatch.setattr(sync_module._StreamPush, "_deliver", real_deliver)
+        proc.stdin.close()
+        return b""
+
+    monkeypatch.setattr(sync_module._StreamPush, "_deliver", killed_half_way)
+    result = sync(local_target, connection)
+
+    assert seen == [before]  # nothing in the workdir changed while the stream was cut
+    # The retry compared every file against the node's manifest and completed the sync.
+    assert result.transport == "rsync"
+    assert snapshot(remote) == expected_remote(local_target)
+    assert not stream_dirs(local_target)
+    assert sync(local_target, connection).noop
+
+
+def test_stream_refuses_when_the_node_holds_another_manifest(
+    local_target: Target, connection: Connection
+) -> None:
+    """The node's manifest is checked before anything changes: a node that holds
+    something else is compared file by file instead."""
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a1")
+    write(workdir, "b.py", "b1")
+    sync(local_target, connection)
+    remote = remote_workdir(local_target)
+    (remote / "b.py").write_text("changed on the node")
+    node_manifest = Path(local_target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST
+    node_manifest.unlink()  # as if another checkout (or a broken sync) had been there
+
+    write(workdir, "a.py", "a2, another size")
+    result = sync(local_target, connection)
+    assert result.transport == "rsync"
+    assert snapshot(remote) == expected_remote(local_target)
+    assert sync(local_target, connection).noop

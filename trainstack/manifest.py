@@ -28,7 +28,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 FORMAT = 1
 FILE = "f"
@@ -252,21 +252,28 @@ def scan(root: Path, paths: Sequence[str], cache: HashCache | None = None) -> tu
     return pending.finish(), pending.stats
 
 
-def start_scan(root: Path, paths: Sequence[str], cache: HashCache | None = None) -> "PendingScan":
+def start_scan(
+    root: Path, paths: Sequence[str], cache: HashCache | None = None,
+    stats: Mapping[str, os.stat_result] | None = None,
+) -> "PendingScan":
     """Stat `paths`; the hashing the cache cannot spare is left to `PendingScan.finish`
     (so it can run while something else, a first transfer, is under way).
 
     Paths that vanished or turned into something other than a file or symlink since
     they were selected are left out (the next sync will see the tree as it is then).
+    `stats`: `lstat` results already taken (by the selection), used instead of new ones.
     """
     cache = cache if cache is not None else HashCache(None, root)
     found: dict[str, tuple[str, int, os.stat_result, str | None]] = {}
     base = os.fspath(root)
+    known = stats or {}
     for rel in paths:
-        try:
-            st = os.lstat(os.path.join(base, rel))
-        except FileNotFoundError:
-            continue
+        st = known.get(rel)
+        if st is None:
+            try:
+                st = os.lstat(os.path.join(base, rel))
+            except FileNotFoundError:
+                continue
         if stat.S_ISLNK(st.st_mode):
             kind, mode = SYMLINK, 0
         elif stat.S_ISREG(st.st_mode):

@@ -24,9 +24,9 @@ import os
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from trainstack.errors import SyncError
 
@@ -62,6 +62,9 @@ class Selection:
     paths: tuple[str, ...]
     #: "git" when git listed the files, "gitignore" when the tree was walked.
     source: str
+    #: The `lstat` of each path taken while selecting it (when git listed the files), so
+    #: the scan that follows need not stat the whole tree a second time.
+    stats: Mapping[str, os.stat_result] | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,14 +84,13 @@ def select_files(workdir: Path, exclude: Iterable[str] = ()) -> Selection:
         raise SelectionError(f"workdir {root} is not a directory: pass --workdir with your project's path")
     anchored = _normalize_excludes(exclude)
     keep = _ShipFilter(root, anchored)
-    listed = _git_listing(root)
+    stats: dict[str, os.stat_result] = {}
+    listed = _git_listing(root, stats)
     if listed is not None:
         paths = [p for p in listed if keep(p, False)]
-        source = SOURCE_GIT
-    else:
-        paths = list(_walk_gitignore(root, keep))
-        source = SOURCE_GITIGNORE
-    return Selection(root=root, paths=tuple(sorted(set(paths))), source=source)
+        return Selection(root=root, paths=tuple(sorted(set(paths))), source=SOURCE_GIT, stats=stats)
+    paths = list(_walk_gitignore(root, keep))
+    return Selection(root=root, paths=tuple(sorted(set(paths))), source=SOURCE_GITIGNORE)
 
 
 def _normalize_excludes(exclude: Iterable[str]) -> tuple[str, ...]:
@@ -193,9 +195,10 @@ def _run_git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, check=False)
 
 
-def _git_listing(root: Path) -> list[str] | None:
+def _git_listing(root: Path, stats: dict[str, os.stat_result] | None = None, prefix: str = "") -> list[str] | None:
     """git's view of `root` (which may be a subdirectory of a work tree), or None
-    when `root` is not inside a git work tree (or git is not installed)."""
+    when `root` is not inside a git work tree (or git is not installed). Each listed
+    path's `lstat` goes into `stats`, keyed by `prefix` + path."""
     if shutil.which("git") is None:
         return None
     done = _run_git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
@@ -224,12 +227,14 @@ def _git_listing(root: Path) -> list[str] | None:
         if stat.S_ISDIR(st.st_mode):
             # A submodule or an untracked nested repository: git lists it as one
             # entry; its own git knows its files.
-            nested = _git_listing(root / rel)
+            nested = _git_listing(root / rel, stats, f"{prefix}{rel}/")
             if nested is None:
                 continue
             out.extend(f"{rel}/{n}" for n in nested)
         elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
             out.append(rel)
+            if stats is not None:
+                stats[prefix + rel] = st
     return out
 
 

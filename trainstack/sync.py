@@ -42,6 +42,7 @@ import os
 import posixpath
 import shlex
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -54,6 +55,7 @@ from trainstack.errors import SyncError
 from trainstack.manifest import HashCache, Manifest, PendingScan, diff, header_digest, start_scan
 from trainstack.selection import select_files
 from trainstack.transfer import (
+    REMOTE_TIMEOUT,
     RSYNC_LINK_FAILURES,
     LinkFailed,
     Progress,
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
 ENV_TRANSPORT = "TRAINSTACK_SYNC_TRANSPORT"  # auto | rsync | tar
 TRANSPORT_RSYNC = "rsync"
 TRANSPORT_TAR = "tar"
+TRANSPORT_STREAM = "tar-stream"  # a small change set, applied by one remote shell
 TRANSPORT_NONE = "none"
 
 STATE_SUBDIR = "sync"
@@ -89,6 +92,14 @@ TRANSFER_ATTEMPTS = 3
 _MARK_RSYNC_MISSING = "trainstack-sync: rsync-missing"
 _MARK_MANIFEST_CHANGED = "trainstack-sync: manifest-changed"
 _RSYNC_VANISHED = 24  # rsync: "some files vanished before they could be transferred"
+_MARK_STREAM_BROKEN = "trainstack-sync: stream-broken"
+
+# A change set this small goes as a tar stream to one remote shell (see `_StreamPush`);
+# larger ones, and any file big enough for rsync's delta transfer to matter, go to rsync.
+STREAM_MAX_TOTAL_BYTES = 4 << 20
+STREAM_MAX_FILE_BYTES = 1 << 20
+STREAM_MAX_PATHS = 256  # changed plus deleted paths: each costs the remote shell one command
+STREAM_MAX_SCRIPT_BYTES = 96 << 10  # the paths travel in the script: one argument (Linux: 128 KiB max)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def sync(
     probe = _HeaderProbe(conn, remote) if last_digest is not None else None
     selection = select_files(workdir, exclude=shipped_excludes(target))
     cache = HashCache(state.hash_cache_path, workdir)
-    pending = start_scan(workdir, selection.paths, cache)
+    pending = start_scan(workdir, selection.paths, cache, selection.stats)
     result = SyncResult(files=len(pending.found), bytes_total=pending.total_bytes, dry_run=dry_run)
 
     local_rsync = shutil.which("rsync") is not None
@@ -182,8 +193,11 @@ def sync(
     last = None if full else state.read_synced()
     if not use_tar:
         pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
+        stream = _StreamPush(conn, workdir, remote) if mode == "auto" and not bwlimit_kbps else None
         try:
-            _push_with_retries(pusher, conn, current, last, state, result, dry_run, node_changed=node_changed)
+            _push_with_retries(
+                pusher, conn, current, last, state, result, dry_run, node_changed=node_changed, stream=stream
+            )
         except _RsyncMissing:
             if mode == TRANSPORT_RSYNC:
                 raise SyncError(
@@ -540,6 +554,185 @@ class _RsyncPush:
         )
 
 
+# --- a small change set over one remote shell ---------------------------------------------
+
+# Runs on the node as `sh -c SCRIPT`; its stdin is one tar archive whose members all live
+# under "$s" (a fresh name inside the scratch dir): the changed files under f/, then the
+# manifest patch (as in `_RSYNC_WRAPPER`: header, lines to drop, lines to add).
+# Nothing in the workdir changes until the whole archive has arrived; then the manifest is
+# marked in progress, deletions are applied and each file is renamed into place (atomic
+# per file: the scratch dir is on the workdir's filesystem), and the patched manifest is
+# installed. The paths are in the script itself, so the shell needs no list parsing:
+# one `tar`, one `awk` and a rename per file are the only processes for a one-file edit.
+_STREAM_SCRIPT = r"""
+m={manifest}; p={partial}; i={incoming}; w={workdir}; c={scratch}; s={scratch}/{token}
+{{ read -r h < "$m"; }} 2>/dev/null || h=
+case $h in *{needle}*) ;; *) echo {changed} >&2; exit 3;; esac
+[ -d "$c" ] || mkdir -p "$c" || exit 1
+if ! tar -x -p --no-same-owner -f - -C "$c" || [ ! -f "$s/patch" ]; then
+  rm -rf "$s"; echo {broken} >&2; exit 4
+fi
+# The patch: the new header line, the number of entry lines to drop, those lines, then
+# the lines to add; entry lines are in byte order, so a merge keeps the manifest sorted.
+LC_ALL=C awk '
+  FILENAME == ARGV[1] && FNR == 1 {{ print; next }}
+  FILENAME == ARGV[1] && FNR == 2 {{ r = $0 + 2; next }}
+  FILENAME == ARGV[1] && FNR <= r {{ gone[$0] = 1; next }}
+  FILENAME == ARGV[1] {{ add[++n] = $0; next }}
+  FNR == 1 || ($0 in gone) {{ next }}
+  {{ while (k < n && (add[k + 1] "") < ($0 "")) print add[++k]; print }}
+  END {{ while (k < n) print add[++k] }}
+' "$s/patch" "$m" > "$i" || {{ rm -rf "$s"; exit 1; }}
+# From here on the client may vanish: finish what the node can finish on its own.
+trap '' HUP PIPE INT TERM
+mv -f "$m" "$p" && cd "$w" || exit 1
+rc=0
+{apply}
+if [ $rc -ne 0 ]; then echo 'trainstack-sync: could not put the files in place' >&2; exit 5; fi
+mv -f "$i" "$m" && rm -rf "$p" "$s"
+"""
+
+
+class _StreamPush:
+    """Ships a small change set as one tar stream into one remote shell that checks
+    the node's manifest, applies deletions, renames the files into place and patches the
+    manifest: one exchange through the ControlMaster, no rsync and no list parsing.
+
+    `push` returns None when the change set does not fit (too large, a file big enough
+    for rsync's delta transfer, a file changed since the scan); the caller then uses rsync.
+    """
+
+    def __init__(self, conn: "Connection", workdir: Path, remote: _RemoteLayout) -> None:
+        self.conn = conn
+        self.workdir = workdir
+        self.remote = remote
+
+    def push(self, plan: _Plan) -> RsyncOutcome | None:
+        if not plan.check or plan.base is None or plan.expected_digest != plan.base.digest:
+            return None
+        entries = plan.new_manifest.entries
+        send = plan.send
+        if len(send) + len(plan.delete) > STREAM_MAX_PATHS:
+            return None
+        sizes = [entries[p].size for p in send]
+        if any(size > STREAM_MAX_FILE_BYTES for size in sizes) or sum(sizes) > STREAM_MAX_TOTAL_BYTES:
+            return None
+        if shutil.which("ssh") is None:
+            return None
+        import secrets
+
+        token = "stream-" + secrets.token_hex(8)
+        script = self._script(plan, token)
+        if len(script.encode("utf-8", "surrogateescape")) > STREAM_MAX_SCRIPT_BYTES:
+            return None
+        archive = self._archive(plan, token)
+        if archive is None:
+            return None
+        argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = self._deliver(proc, archive).decode("utf-8", "replace")
+        code = proc.returncode
+        if code != 0:
+            if _MARK_MANIFEST_CHANGED in stderr:
+                raise _ManifestChanged()
+            if code == 255 or code < 0 or _MARK_STREAM_BROKEN in stderr:
+                raise LinkFailed(last_line(stderr) or "the connection closed before the node finished")
+            raise SyncError(
+                f"sync to {self.conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
+                " — fix the cause and run sync again"
+            )
+        base = plan.base
+        changes = [f"{'~' if p in base.entries else '+'} {p}" for p in send]
+        return RsyncOutcome(
+            transferred=len(send), bytes_sent=len(archive) + len(script), changes=changes
+        )
+
+    def _deliver(self, proc: "subprocess.Popen[bytes]", archive: bytes) -> bytes:
+        """Write the archive to the remote shell and wait for it; its stderr."""
+        try:
+            _, err = proc.communicate(archive, timeout=REMOTE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        return err or b""
+
+    def _script(self, plan: _Plan, token: str) -> str:
+        q = shlex.quote
+        r = self.remote
+        apply: list[str] = []
+        if plan.delete:
+            apply.append("rm -f -- " + " ".join(q(p) for p in plan.delete) + " || rc=1")
+        rmdirs = plan.rmdirs()
+        if rmdirs:
+            apply.append("rmdir --ignore-fail-on-non-empty -- " + " ".join(q(d) for d in rmdirs) + " 2>/dev/null")
+        made: set[str] = set()
+        for path in plan.send:
+            parent = posixpath.dirname(path)
+            if parent and parent not in made:
+                made.add(parent)
+                apply.append(f"[ -d {q(parent)} ] || mkdir -p -- {q(parent)} || rc=1")
+            # -T: never move a file *into* a directory that stands where the file belongs.
+            apply.append(f'mv -f -T -- "$s"/f/{q(path)} {q(path)} || rc=1')
+        return _STREAM_SCRIPT.format(
+            manifest=q(r.manifest), partial=q(r.partial), incoming=q(r.incoming), workdir=q(r.workdir),
+            scratch=q(r.scratch), token=token, needle=q(f'"digest": "{plan.expected_digest}"'),
+            changed=q(_MARK_MANIFEST_CHANGED), broken=q(_MARK_STREAM_BROKEN), apply="\n".join(apply) or ":",
+        )
+
+    def _archive(self, plan: _Plan, token: str) -> bytes | None:
+        """The tar archive; None when a file no longer matches the scan (rsync then settles it)."""
+        import stat
+        import tarfile
+
+        current = plan.new_manifest
+        base = plan.base
+        assert base is not None
+        old_lines, new_lines = set(base.body_lines()), set(current.body_lines())
+        blocks: list[bytes] = []
+
+        def add(info: "tarfile.TarInfo", data: bytes = b"") -> None:
+            # By hand rather than through TarFile: no padding of the archive to 10 KiB records.
+            blocks.append(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            if data:
+                blocks.append(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+        for rel in plan.send:
+            entry = current.entries[rel]
+            full = os.path.join(self.workdir, rel)
+            try:
+                st = os.lstat(full)
+                if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+                    return None
+                info = tarfile.TarInfo(f"{token}/f/{rel}")
+                info.mtime = st.st_mtime
+                info.mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISLNK(st.st_mode):
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = os.readlink(full)
+                    add(info)
+                elif stat.S_ISREG(st.st_mode):
+                    with open(full, "rb") as handle:
+                        data = handle.read()
+                    if len(data) != entry.size:
+                        return None
+                    info.size = len(data)
+                    add(info, data)
+                else:
+                    return None
+            except OSError:
+                return None
+        # The manifest patch, last: its presence proves the whole archive arrived.
+        removed, added = sorted(old_lines - new_lines), sorted(new_lines - old_lines)
+        patch = b"".join([current.header_line(), b"%d\n" % len(removed), *removed, *added])
+        info = tarfile.TarInfo(f"{token}/patch")
+        info.size = len(patch)
+        info.mode = 0o600
+        info.mtime = int(time.time())
+        add(info, patch)
+        blocks.append(b"\0" * (2 * tarfile.BLOCKSIZE))
+        return b"".join(blocks)
+
+
 def _push_with_retries(
     pusher: _RsyncPush,
     conn: "Connection",
@@ -550,9 +743,13 @@ def _push_with_retries(
     dry_run: bool,
     *,
     node_changed: bool = False,
+    stream: "_StreamPush | None" = None,
 ) -> None:
     """Ship the changes since `last`; when the node turns out not to hold `last` (or
-    the link broke mid-way), learn what it holds and ship the full list against that."""
+    the link broke mid-way), learn what it holds and ship the full list against that.
+
+    A small change set against a node that holds `last` goes through `stream` (one
+    remote shell, no rsync) when it fits; everything else through rsync."""
     result.transport = TRANSPORT_RSYNC
     base = last  # what we believe the node holds
     known_paths: set[str] = set(last.entries) if last is not None else set()
@@ -583,8 +780,15 @@ def _push_with_retries(
             expected_digest=base.digest if base is not None else None, check=check,
         )
         try:
-            with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
-                outcome = pusher.push(Path(tmp_name), plan)
+            outcome = None
+            if stream is not None and check and not full_list and base is not None:
+                outcome = stream.push(plan)
+                if outcome is not None:
+                    result.transport = TRANSPORT_STREAM
+            if outcome is None:
+                result.transport = TRANSPORT_RSYNC
+                with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
+                    outcome = pusher.push(Path(tmp_name), plan)
         except (_ManifestChanged, LinkFailed) as exc:
             if isinstance(exc, LinkFailed):
                 if attempt == TRANSFER_ATTEMPTS:
@@ -782,7 +986,7 @@ def _stream_tar_openssh(
     """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
     `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
     follows as a second archive."""
-    import subprocess
+    import re
 
     hashing = threading.Thread(target=pending.finish, daemon=True)
     hashing.start()
@@ -796,35 +1000,59 @@ def _stream_tar_openssh(
                 [*conn.ssh_argv(), conn.destination, f"sh -c {shlex.quote(script)}"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr_file,
             )
-            tar = subprocess.Popen(
-                ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
-            assert ssh.stdin is not None and tar.stdout is not None and tar.stderr is not None
+            tar_argv = ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)]
+            assert ssh.stdin is not None
             sent = 0
             broken = False
-            with Progress(console, pending.total_bytes, "sync") as bar:
+            if console is None or not console.is_terminal:
+                # Nobody watches a progress bar: tar writes straight into ssh, and the
+                # stream never passes through this process.
                 try:
                     ssh.stdin.write(head)
-                    sent += len(head)
-                    source = tar.stdout.fileno()
-                    while True:
-                        chunk = os.read(source, 1 << 20)
-                        if not chunk:
-                            break
-                        ssh.stdin.write(chunk)
-                        sent += len(chunk)
-                        bar.update(sent)
-                    hashing.join()
-                    tail = _manifest_archive(pending.finish())
-                    ssh.stdin.write(tail)
-                    sent += len(tail)
+                    ssh.stdin.flush()
+                except BrokenPipeError:
+                    broken = True
+                tar = subprocess.Popen([*tar_argv, "--totals"], stdout=ssh.stdin, stderr=subprocess.PIPE)
+                assert tar.stderr is not None
+                tar_report = tar.stderr.read().decode("utf-8", "replace")
+                tar_code = tar.wait()
+                written = re.search(r"^Total bytes written: (\d+)", tar_report, re.MULTILINE)
+                sent = len(head) + (int(written.group(1)) if written else pending.total_bytes)
+                try:
+                    if not broken:
+                        hashing.join()
+                        tail = _manifest_archive(pending.finish())
+                        ssh.stdin.write(tail)
+                        sent += len(tail)
                     ssh.stdin.close()
                 except BrokenPipeError:
                     broken = True
-                    tar.kill()
-            tar_stderr = tar.stderr.read().decode("utf-8", "replace")
-            tar_code = tar.wait()
+                tar_stderr = re.sub(r"(?m)^Total bytes written: .*\n?", "", tar_report)
+            else:
+                tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                assert tar.stdout is not None and tar.stderr is not None
+                with Progress(console, pending.total_bytes, "sync") as bar:
+                    try:
+                        ssh.stdin.write(head)
+                        sent += len(head)
+                        source = tar.stdout.fileno()
+                        while True:
+                            chunk = os.read(source, 1 << 20)
+                            if not chunk:
+                                break
+                            ssh.stdin.write(chunk)
+                            sent += len(chunk)
+                            bar.update(sent)
+                        hashing.join()
+                        tail = _manifest_archive(pending.finish())
+                        ssh.stdin.write(tail)
+                        sent += len(tail)
+                        ssh.stdin.close()
+                    except BrokenPipeError:
+                        broken = True
+                        tar.kill()
+                tar_stderr = tar.stderr.read().decode("utf-8", "replace")
+                tar_code = tar.wait()
             code = ssh.wait()
         stderr = stderr_path.read_text("utf-8", "replace")
     hashing.join()
