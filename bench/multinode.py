@@ -4,8 +4,10 @@ one node, on the local target (N sshds on 127.0.0.1, each node with its own remo
 The work per node runs in parallel (a thread and a connection per node), so starting on three
 nodes should cost little more than on one: the target is at most 1.5 times the one-node time.
 
-Two scenarios, each timed as a user types it (a fresh `invoke train --command true` process,
-to the moment it has printed the run id):
+Two scenarios, each timed as a user types it (a fresh `invoke train` process, to the moment it
+has printed the run id). The job itself is `sleep 1`: on the local target every node's job
+runs on this one machine, and a job's own start-up (a Python interpreter, say) would compete
+with the other nodes' start for its CPUs — on real machines it runs on its own node's.
 
 * first start: a node that has never seen the project (fresh remote roots: the tools are
   installed, the whole tree is shipped, the venv built);
@@ -32,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 INVOKE = Path(sys.executable).with_name("invoke")
 TARGET_RATIO = 1.5
+JOB = "sleep 1"
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Target:
 
     def start(self) -> float:
         started = time.perf_counter()
-        proc = invoke(self.project, self.code, "train", "--command", "python train.py")
+        proc = invoke(self.project, self.code, "train", "--command", JOB)
         elapsed = time.perf_counter() - started
         self._wait_ended(proc.stdout.strip().splitlines()[-1])
         return elapsed

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,26 @@ class Nodes:
 
     def __len__(self) -> int:
         return len(self.indexes)
+
+    def open_masters(self) -> None:
+        """Open an OpenSSH ControlMaster to every node that has none, all at once: each
+        handshake runs in a process of its own (paramiko's, in threads, would take turns on
+        the interpreter lock), and every later command of this and the next tasks reuses them.
+        A node that does not answer yet is left to the connection's own retries."""
+        started = []
+        for conn in self.conns.values():
+            if conn.control_persist > 0 and not conn.master_alive():
+                argv = [*conn.ssh_argv(), "-o", "ControlMaster=yes", "-N", "-f", conn.destination]
+                started.append((conn, subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )))
+        for conn, process in started:
+            try:
+                process.wait(timeout=conn.connect_timeout + 5)  # `-f`: it returns once authenticated
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def each(self, work: NodeWork[T], indexes: Iterable[int] | None = None) -> dict[int, T | TrainstackError]:
         """Run `work` on every node at once; each node's result, or the error it raised."""
@@ -352,6 +373,8 @@ def train(
         built_from = None if lines[:1] != ["venv"] else (lines[1] if len(lines) > 1 else "")
         return len(state.get("gpus") or []), built_from
 
+    if len(nodes) > 1:
+        nodes.open_masters()
     found = nodes.all(preflight)
     gpus = {rank: count for rank, (count, _) in found.items()}
     if len(set(gpus.values())) > 1 and notify is not None:
