@@ -232,7 +232,9 @@ def ssh(c, stack=None, workdir=None, node=None):
     import shlex
 
     target = _target(stack, workdir)
-    conn = _connection(target, _int_option("node", node) or 0)
+    index = _int_option("node", node) or 0
+    target = target.for_node(index)  # on the local target each node has a root of its own
+    conn = _connection(target, index)
     remote = f"cd {shlex.quote(target.remote_path('workdir'))} 2>/dev/null; exec \"${{SHELL:-bash}}\" -l"
     argv = [*conn.ssh_argv(), *(["-t"] if sys.stdin.isatty() else []), conn.destination, remote]
     sys.stdout.flush()

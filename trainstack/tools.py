@@ -70,10 +70,3 @@ def install(conn: "Connection", names: list[str]) -> None:
             "(is the machine set up? `invoke wait`)",
             result,
         )
-
-
-def ensure_tools(conn: "Connection") -> list[str]:
-    """Copy the tools the node lacks (or holds in another version); returns their names."""
-    names = stale(conn.run(digest_command(conn), check=False).stdout)
-    install(conn, names)
-    return names
