@@ -352,12 +352,17 @@ def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: 
             if tool.name != "rsync" and not (bindir / tool.name).exists():
                 os.symlink(tool, bindir / tool.name)
     port = free_port()
+    lines = local_sshd.sshd_config(0).read_text().splitlines()
+    # sshd takes the first SetEnv line only: PATH joins it when there is one.
+    if not any(line.startswith("SetEnv ") for line in lines):
+        lines.append("SetEnv")
     config = "\n".join(
         f"Port {port}" if line.startswith("Port ")
         else f"PidFile {tmp_path / 'sshd2.pid'}" if line.startswith("PidFile ")
+        else f"{line} PATH={bindir}" if line.startswith("SetEnv")
         else line
-        for line in local_sshd.sshd_config(0).read_text().splitlines()
-    ) + f"\nSetEnv PATH={bindir}\n"
+        for line in lines
+    ) + "\n"
     config_path = tmp_path / "sshd_config.norsync"
     config_path.write_text(config)
     config_path.chmod(0o600)

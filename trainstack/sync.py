@@ -7,7 +7,10 @@ machine holds a copy of that manifest beside the workdir (`Remote.SYNC_MANIFEST`
 its digest proves the machine still holds what we last shipped.
 
 A no-op is one short read of the machine's manifest header over SFTP, made while
-the local tree is listed. A change is one remote invocation: rsync's remote command
+the local tree is listed. A small change set (`_StreamPush`: a few files, none big
+enough for rsync's delta transfer to matter) is one tar stream into one remote shell
+that checks the manifest, deletes, renames the files into place and patches the
+manifest. A larger change is one remote invocation: rsync's remote command
 is a small shell script (`_RSYNC_WRAPPER`) that, around the real `rsync --server`:
   1. refuses to start when the machine's manifest is not the one we expect (the
      machine was replaced, another checkout synced, a sync was interrupted) — we
