@@ -94,7 +94,9 @@ def test_files_fetched_before_and_untouched_are_updated(local_target: Target, co
     run_id = finish(connection)
     fetch(local_target, connection)
     metrics = node_workdir(local_target) / "results" / "metrics.json"
-    metrics.write_text('{"acc": 0.95}\n')
+    before = metrics.stat().st_mtime_ns
+    metrics.write_text('{"acc": 0.95}\n')  # same size as the run's version
+    os.utime(metrics, ns=(before + 1, before + 1))  # and within the same second: only content differs
     result = fetch(local_target, connection, run_id)
     assert result.fetched == 1
     assert (local_runs_root(local_target) / run_id / "results" / "metrics.json").read_text() == '{"acc": 0.95}\n'

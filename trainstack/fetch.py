@@ -393,6 +393,9 @@ def _rsync_argv(
         f"--files-from={files_from}",  # exactly the files decided on; local edits are left out
         "--no-implied-dirs",  # parents are created as needed; the node's dir attributes do not matter
         "--from0",  # NUL-separated: any file name
+        # Every listed file was decided on from its size and nanosecond mtime; rsync's own quick
+        # check (whole seconds here) would skip a same-size rewrite within the second.
+        "--ignore-times",
         "--links",  # symlinks inside results stay symlinks
         "--copy-dirlinks",  # a results dir that is a symlink on the node arrives as a directory
         "--times",  # local mtimes match the node's: the next fetch can tell what changed
