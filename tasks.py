@@ -156,27 +156,14 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=Non
 @handle_errors
 def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
     """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
-    from trainstack import cluster
-    from trainstack.errors import NoSuchRun, TrainstackError
+    from trainstack.cluster import stop_and_report
 
     target = _target(stack, workdir)
     rank = _int_option("node", node)
     if rank is not None:
         target.node(rank)
     seconds = _int_option("grace", grace)
-    with cluster.Nodes(target, None if rank is None else [rank], notify=note) as nodes:
-        outcomes = cluster.stop(target, nodes, run, grace=float(10 if seconds is None else seconds))
-    errors = {i: o for i, o in outcomes.items() if isinstance(o, TrainstackError) and not isinstance(o, NoSuchRun)}
-    for index, outcome in sorted(outcomes.items()):
-        prefix = "" if len(outcomes) == 1 else f"node {index}: "
-        if isinstance(outcome, NoSuchRun):
-            note(f"{prefix}{outcome}")
-        elif not isinstance(outcome, TrainstackError):
-            success(prefix + outcome.describe())
-    if errors:
-        raise errors[min(errors)]
-    if all(isinstance(o, NoSuchRun) for o in outcomes.values()):
-        raise outcomes[min(outcomes)]
+    stop_and_report(target, rank, run, grace=float(10 if seconds is None else seconds), notify=note, succeed=success)
 
 
 @task(help={**COMMON_HELP, "node": "only this node (rank)"})
@@ -203,25 +190,13 @@ def status(c, stack=None, workdir=None, node=None):
 @handle_errors
 def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
     """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
-    from trainstack.fetch import fetch as fetch_run
+    from trainstack.cluster import fetch_nodes
 
     target = _target(stack, workdir)
     rank = _int_option("node", node)
     if rank is not None:
         target.node(rank)
-    if rank is None and not all_nodes:
-        with _connection(target) as conn:
-            fetch_run(target, conn, run_id=run, console=_console())
-        return
-    from trainstack.runs import show_run
-
-    if run is None:
-        with _connection(target) as head:
-            run = show_run(head).run_id
-    for index in range(target.node_count) if all_nodes else [rank]:
-        node_target = target.for_node(index)
-        with _connection(node_target, index) as conn:
-            fetch_run(node_target, conn, run_id=run, console=_console(), subdir=f"node-{index}")
+    fetch_nodes(target, run, rank=rank, all_nodes=bool(all_nodes), console=_console(), notify=note)
 
 
 @task(help={**COMMON_HELP, "node": "node index (default 0, the head)"})

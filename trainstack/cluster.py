@@ -55,6 +55,7 @@ from trainstack.runs import (
 )
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from trainstack.stack import Target
 
 T = TypeVar("T")
@@ -740,3 +741,60 @@ def _active(conn: Connection) -> list[RunInfo]:
     from trainstack.runs import active_runs
 
     return active_runs(conn)
+
+
+def stop_and_report(
+    target: "Target",
+    rank: int | None,
+    run_id: str | None,
+    *,
+    grace: float,
+    notify: Notify,
+    succeed: Notify,
+) -> None:
+    """`invoke stop`: stop the run on one node or all, say what happened on each, and raise
+    the first node's error (or NoSuchRun when no node had the run)."""
+    with Nodes(target, None if rank is None else [rank], notify=notify) as nodes:
+        outcomes = stop(target, nodes, run_id, grace=grace)
+    errors = {i: o for i, o in outcomes.items() if isinstance(o, TrainstackError) and not isinstance(o, NoSuchRun)}
+    for index, found in sorted(outcomes.items()):
+        prefix = "" if len(outcomes) == 1 else f"node {index}: "
+        if isinstance(found, NoSuchRun):
+            notify(f"{prefix}{found}")
+        elif not isinstance(found, TrainstackError):
+            succeed(prefix + found.describe())
+    if errors:
+        raise errors[min(errors)]
+    if all(isinstance(o, NoSuchRun) for o in outcomes.values()):
+        raise outcomes[min(outcomes)]
+
+
+# --- fetch ------------------------------------------------------------------------------------
+
+
+def fetch_nodes(
+    target: "Target",
+    run_id: str | None,
+    *,
+    rank: int | None = None,
+    all_nodes: bool = False,
+    console: "Console | None" = None,
+    notify: Notify | None = None,
+) -> None:
+    """`invoke fetch`: node 0 into runs/<stack>/<run-id>/ by default; one chosen node, or
+    every node, into runs/<stack>/<run-id>/node-K/ — the run id is node 0's latest when
+    none is given, so every node's part of one run lands side by side."""
+    from trainstack.fetch import fetch
+    from trainstack.runs import show_run
+
+    if rank is None and not all_nodes:
+        with Connection(target, 0, notify=notify) as conn:
+            fetch(target, conn, run_id=run_id, console=console)
+        return
+    if run_id is None:
+        with Connection(target, 0, notify=notify) as head:
+            run_id = show_run(head).run_id
+    for index in range(target.node_count) if all_nodes else [rank]:
+        node_target = target.for_node(index)
+        with Connection(node_target, index, notify=notify) as conn:
+            fetch(node_target, conn, run_id=run_id, console=console, subdir=f"node-{index}")
