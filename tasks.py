@@ -26,6 +26,15 @@ def _target(stack: str | None, workdir: str | None):
     return resolve_target(stack, workdir)
 
 
+def _target_and_node(stack: str | None, workdir: str | None, node: object):
+    """The target and the --node rank (None: every node); an out-of-range rank is a usage error."""
+    target = _target(stack, workdir)
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    return target, rank
+
+
 def _connection(target, node: int = 0):
     from trainstack.connection import Connection
 
@@ -132,10 +141,7 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=Non
     """Stream a run's log; exits with the run's exit code (a failed rank's, naming it) once it has ended."""
     from trainstack import cluster
 
-    target = _target(stack, workdir)
-    rank = _int_option("node", node)
-    if rank is not None:
-        target.node(rank)
+    target, rank = _target_and_node(stack, workdir, node)
     with cluster.Nodes(target, notify=note) as nodes:
         code = cluster.logs(
             target, nodes, run, node=rank, all_nodes=bool(all), follow=follow,
@@ -158,10 +164,7 @@ def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
     """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
     from trainstack.cluster import stop_and_report
 
-    target = _target(stack, workdir)
-    rank = _int_option("node", node)
-    if rank is not None:
-        target.node(rank)
+    target, rank = _target_and_node(stack, workdir, node)
     seconds = _int_option("grace", grace)
     stop_and_report(target, rank, run, grace=float(10 if seconds is None else seconds), notify=note, succeed=success)
 
@@ -172,10 +175,7 @@ def status(c, stack=None, workdir=None, node=None):
     """Per node: reachable, bootstrap state, active run, last runs, GPUs, disk."""
     from trainstack.status import show_status
 
-    target = _target(stack, workdir)
-    rank = _int_option("node", node)
-    if rank is not None:
-        target.node(rank)
+    target, rank = _target_and_node(stack, workdir, node)
     show_status(target, None if rank is None else [rank])
 
 
@@ -192,10 +192,7 @@ def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
     """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
     from trainstack.cluster import fetch_nodes
 
-    target = _target(stack, workdir)
-    rank = _int_option("node", node)
-    if rank is not None:
-        target.node(rank)
+    target, rank = _target_and_node(stack, workdir, node)
     fetch_nodes(target, run, rank=rank, all_nodes=bool(all_nodes), console=_console(), notify=note)
 
 
