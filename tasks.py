@@ -18,6 +18,7 @@ from trainstack.console import handle_errors, note, success
 STACK_HELP = "stack (experiment) to act on; default $TRAINSTACK_STACK or pulumi's selected stack; 'local' = local target"
 WORKDIR_HELP = "the project to ship; default $TRAINSTACK_WORKDIR or the stack's trainstack:workdir"
 COMMON_HELP = {"stack": STACK_HELP, "workdir": WORKDIR_HELP}
+WAIT_TIMEOUT_SECONDS = 900
 
 
 def _target(stack: str | None, workdir: str | None):
@@ -59,6 +60,12 @@ def _int_option(name: str, value: object) -> int | None:
         raise UsageError(f"--{name} takes a whole number, not {value!r}") from None
 
 
+def _wait_seconds(timeout: object) -> float:
+    """--timeout of `wait` and `up`: how long to wait for the machines (default 900 s)."""
+    seconds = _int_option("timeout", timeout)
+    return float(WAIT_TIMEOUT_SECONDS if seconds is None else seconds)
+
+
 @task(help={**COMMON_HELP, "timeout": "seconds to wait before giving up (default 900)"})
 @handle_errors
 def wait(c, stack=None, workdir=None, timeout=None):
@@ -66,8 +73,7 @@ def wait(c, stack=None, workdir=None, timeout=None):
     from trainstack.wait import wait_ready
 
     target = _target(stack, workdir)
-    seconds = _int_option("timeout", timeout)
-    states = wait_ready(target, float(900 if seconds is None else seconds), notify=note)
+    states = wait_ready(target, _wait_seconds(timeout), notify=note)
     success(f"stack '{target.stack}' is ready ({len(states)} node(s))")
 
 
@@ -297,9 +303,7 @@ def up(c, stack=None, wait=True, timeout=None):
     if wait:
         from trainstack.wait import wait_ready
 
-        target = _target(name, None)
-        seconds = 900 if timeout is None else _int_option("timeout", timeout)
-        wait_ready(target, float(seconds or 0), notify=note)
+        wait_ready(_target(name, None), _wait_seconds(timeout), notify=note)
     success(f"stack '{name}' is up")
 
 
@@ -320,10 +324,9 @@ def down(c, stack=None, force=False, fetch=False):
     name = resolve_stack_name(stack, project)
 
     def fetch_results(target):
-        from trainstack.fetch import fetch as fetch_run
+        from trainstack.cluster import fetch_nodes
 
-        with _connection(target) as conn:
-            fetch_run(target, conn, run_id=None, console=_console())
+        fetch_nodes(target, None, console=_console(), notify=note)
 
     down_experiment(name, project, engine=AutomationEngine(), notify=note, force=bool(force),
                     fetch=bool(fetch), fetcher=fetch_results)

@@ -95,6 +95,14 @@ def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     return out
 
 
+def wait_in_flight(target: Target, name: str, seconds: float = 30) -> None:
+    """Until the transfer of `name` is under way on the node (its temp file exists)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not in_flight(target, name):
+        time.sleep(0.05)
+    assert in_flight(target, name), "the transfer never started"
+
+
 def in_flight(target: Target, name: str) -> bool:
     """Whether rsync is writing `name` on the node (its temporary file exists)."""
     scratch = Path(target.outputs.remote_root) / ".trainstack-sync.tmp"
@@ -436,11 +444,8 @@ def test_sshd_killed_during_sync_then_a_retry_completes(
 
     worker = threading.Thread(target=slow_sync)
     worker.start()
-    deadline = time.monotonic() + 30
     # Wait until rsync is writing big.bin on the node, then take the whole sshd down.
-    while time.monotonic() < deadline and not in_flight(local_target, "big.bin"):
-        time.sleep(0.05)
-    assert in_flight(local_target, "big.bin"), "the transfer never started"
+    wait_in_flight(local_target, "big.bin")
     local_sshd.stop_sshd(hard=True)
     worker.join(60)
     assert not worker.is_alive()
@@ -477,10 +482,7 @@ def test_sshd_restarted_within_the_retry_window_completes_the_same_sync(
 
     worker = threading.Thread(target=slow_sync)
     worker.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not in_flight(local_target, "big.bin"):
-        time.sleep(0.05)
-    assert in_flight(local_target, "big.bin"), "the transfer never started"
+    wait_in_flight(local_target, "big.bin")
     local_sshd.restart_sshd(hard=True)
     worker.join(90)
     assert results, "the sync did not complete after sshd came back"
