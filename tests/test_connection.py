@@ -237,3 +237,38 @@ def test_openssh_and_rsync_work_from_a_project_path_with_spaces_and_percent(tmp_
             conn.stop_master()
     finally:
         local.down(grace=2.0)
+
+
+def _effective_ciphers(argv: list[str]) -> list[str]:
+    shown = subprocess.run([*argv, "-G", "example.invalid"], capture_output=True, text=True, timeout=30, check=True)
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("ciphers "))
+    return line.split(" ", 1)[1].split(",")
+
+
+def test_ciphers_are_openssh_defaults_reordered(local_target) -> None:
+    """The same cipher set OpenSSH offers by default, AES-GCM first where the CPU has AES."""
+    from trainstack.connection import _cpu_has_aes
+
+    ours = _effective_ciphers(Connection(local_target, control_persist=0).ssh_argv())
+    default = _effective_ciphers(["ssh", "-F", "/dev/null"])
+    assert sorted(ours) == sorted(default)
+    if _cpu_has_aes():
+        assert ours[:2] == ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+    else:
+        assert ours == default
+    conn = Connection(local_target, control_persist=0)  # a fresh connection negotiates the order above
+    proc = subprocess.run([*conn.ssh_argv(), conn.destination, "echo negotiated"], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, "negotiated\n"), proc.stderr
+
+
+def test_cpu_features_decide_the_cipher_order(tmp_path: Path) -> None:
+    from trainstack.connection import _cpu_has_aes
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+    assert _cpu_has_aes(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")
+    assert _cpu_has_aes(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 vaes-like avx2\n")
+    assert not _cpu_has_aes(str(cpuinfo))
+    assert _cpu_has_aes(str(tmp_path / "missing"))  # not Linux: assume a CPU of the last decade

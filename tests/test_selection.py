@@ -259,3 +259,21 @@ def test_default_excludes_without_pathspec_match_pathspec() -> None:
     for name in names:
         for path in (name, f"{name}/", f"a/{name}", f"a/b/{name}/"):
             assert _default_excludes_only(path) == spec.check_file(path).include, path
+
+
+@pytest.mark.parametrize("anchored", [(), ("results", "out/ckpt")])
+def test_the_one_regex_filter_agrees_with_the_per_component_filter(tmp_path: Path, anchored: tuple[str, ...]) -> None:
+    """select_files filters git's listing with one regex per path when no .trainstackignore
+    exists; on random paths it keeps exactly what the component-by-component filter keeps."""
+    from trainstack.selection import _ShipFilter
+
+    rng = random.Random(7)
+    parts = [".git", ".venv", "node_modules", "__pycache__", "x.pyc", ".pyc", "a.pyc.txt", "venv", ".gitignore",
+             ".trainstack", "node_modules2", "my.venv", "pyc", "results", "results2", "out", "ckpt", "src", "m.py"]
+    paths = {"/".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(3000)}
+    paths |= {"results", "results/x", "out/ckpt", "out/ckpt/a", "out/ckpt2", "resultsx/y"}
+    keep = _ShipFilter(tmp_path, anchored)
+    fast = keep.filter_files(sorted(paths))
+    slow = [p for p in sorted(paths) if keep(p, False)]
+    assert fast == slow
+    assert 0 < len(fast) < len(paths)  # both kinds of answer occur

@@ -213,6 +213,50 @@ def test_noop_sync_does_not_run_rsync(local_target: Target, connection: Connecti
     assert "already in sync" in result.summary()
 
 
+def test_unchanged_tree_is_a_noop_without_reading_the_hash_cache(local_target: Target, connection: Connection) -> None:
+    """While every file's stat is as when the manifest was built, the tree's stat key
+    alone says nothing changed; a touched file sends sync back to the manifest."""
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    write(workdir, "pkg/b.py", "b")
+    assert not sync(local_target, connection).noop
+    cache = Path(local_target.state_dir) / "sync" / "hash-cache.json"
+    # Any sync that reads a damaged cache rebuilds it, so the file shows whether it was read.
+    cache.write_text("damaged")
+    assert sync(local_target, connection).noop
+    assert cache.read_text() == "damaged"
+
+    os.utime(workdir / "a.py", ns=(1, 1))  # touched: the stat key differs, the content does not
+    assert sync(local_target, connection).noop
+    assert cache.read_text() != "damaged"  # the manifest was built again, from a rebuilt cache
+    cache.write_text("damaged")
+    assert sync(local_target, connection).noop  # and the key was updated: quick again
+    assert cache.read_text() == "damaged"
+
+    (Path(local_target.state_dir) / "sync" / "tree-key").write_text("not a key\n")
+    write(workdir, "pkg/b.py", "b2")
+    result = sync(local_target, connection)
+    assert not result.noop and "~ pkg/b.py" in result.changes  # (a.py's new mtime goes along)
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+def test_first_sync_costs_one_ssh_handshake(local_sshd: LocalTarget, local_target: Target, connection: Connection) -> None:
+    """The ControlMaster is opened while the tree is listed and the stream rides on it:
+    never a second connection racing the first to become the master."""
+    write(local_target.require_workdir(), "a.py", "a")
+    connection.stop_master()
+    deadline = time.monotonic() + 5
+    while connection.master_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    log = local_sshd.log_file(0)
+    before = log.read_text().count("Accepted publickey")
+    result = sync(local_target, connection)
+    assert result.transport == "tar" and result.transferred == 1
+    assert log.read_text().count("Accepted publickey") == before + 1
+    assert connection.master_alive() and connection._client is None  # OpenSSH's master; no paramiko
+
+
 @pytest.mark.parametrize("transport", ["tar-stream", "rsync"])
 def test_changed_content_with_same_size_and_mtime_is_synced(
     local_target: Target, connection: Connection, rsync_calls: Path, transport: str

@@ -59,6 +59,23 @@ def test_list_imports_neither_pulumi_nor_ssh(venv_bin: Path, tmp_path: Path) -> 
     assert not imported & {"pulumi", "pulumi_aws", "pulumi_tls", "paramiko", "cryptography", "rich", "tenacity"}
 
 
+def test_noop_sync_loads_neither_paramiko_nor_rich(venv_bin: Path, local_sshd, project_dir: Path, workdir: Path) -> None:
+    """A sync that finds nothing to do answers from the kept ControlMaster and the tree's
+    stat key: no paramiko handshake, no progress bar, and its one line printed plainly."""
+    (workdir / "train.py").write_text("print('hi')\n")
+    env = {"TRAINSTACK_STACK": "local", "TRAINSTACK_WORKDIR": str(workdir)}
+    assert invoke(venv_bin, project_dir, "sync", **env).returncode == 0
+    proc = subprocess.run(
+        [str(venv_bin / "python"), "-X", "importtime", "-m", "invoke", "--search-root", str(REPO), "sync"],
+        cwd=project_dir, env=_env(**env), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "already in sync: 1 files" in proc.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "trainstack" in imported
+    assert not imported & {"paramiko", "cryptography", "rich", "tenacity"}
+
+
 # --- the workflow --------------------------------------------------------------------------------
 
 

@@ -108,20 +108,10 @@ class Nodes:
         handshake runs in a process of its own (paramiko's, in threads, would take turns on
         the interpreter lock), and every later command of this and the next tasks reuses them.
         A node that does not answer yet is left to the connection's own retries."""
-        started = []
         for conn in self.conns.values():
-            if conn.control_persist > 0 and not conn.master_alive():
-                argv = [*conn.ssh_argv(), "-o", "ControlMaster=yes", "-N", "-f", conn.destination]
-                started.append((conn, subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )))
-        for conn, process in started:
-            try:
-                process.wait(timeout=conn.connect_timeout + 5)  # `-f`: it returns once authenticated
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            conn.open_master()
+        for conn in self.conns.values():
+            conn.await_master()
 
     def each(self, work: NodeWork[T], indexes: Iterable[int] | None = None) -> dict[int, T | TrainstackError]:
         """Run `work` on every node at once; each node's result, or the error it raised."""

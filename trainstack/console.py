@@ -83,11 +83,66 @@ class _LinePrefixer:
         return False
 
 
-def node_console(node: int, nodes: int) -> Any:
-    """A rich Console on stderr for work on one node; with several nodes at once, its lines
-    start with `[node K] ` and it draws no progress bars (they would overwrite each other)."""
-    from rich.console import Console
+class LazyConsole:
+    """A rich Console made on first real use.
 
+    rich costs about 25 ms to import, more than a no-op sync's own work: a task that
+    only prints plain lines (a sync's one-line summary) writes them itself, and rich is
+    loaded when something needs it (a progress bar, markup, a table).
+    """
+
+    def __init__(self, file: Any = None, **options: Any) -> None:
+        self._file = file
+        self._options = options
+        self._console: Any = None
+
+    @property
+    def file(self) -> Any:
+        return self._file if self._file is not None else sys.stderr
+
+    @property
+    def real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            if self._file is None:
+                self._console = Console(stderr=True, **self._options)
+            else:
+                self._console = Console(file=self._file, **self._options)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        """rich's answer, without importing rich when the environment leaves it to isatty()."""
+        if self._console is not None or "force_terminal" in self._options:
+            return bool(self.real.is_terminal)
+        if os.environ.get("TTY_COMPATIBLE") or os.environ.get("FORCE_COLOR") is not None:
+            return bool(self.real.is_terminal)
+        isatty = getattr(self.file, "isatty", None)
+        try:
+            return bool(isatty()) if isatty is not None else False
+        except ValueError:
+            return False
+
+    def print(self, *objects: Any, markup: bool | None = None, highlight: bool | None = None, **kwargs: Any) -> None:
+        if self._console is None and markup is False and not kwargs and len(objects) == 1 and isinstance(objects[0], str):
+            self.file.write(objects[0] + "\n")
+            self.file.flush()
+            return
+        self.real.print(*objects, markup=markup, highlight=highlight, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def stderr_console() -> LazyConsole:
+    """The console of a task's progress and summaries: stderr, rich loaded on demand."""
+    return LazyConsole()
+
+
+def node_console(node: int, nodes: int) -> Any:
+    """A console on stderr for work on one node; with several nodes at once, its lines
+    start with `[node K] ` and it draws no progress bars (they would overwrite each other)."""
     if nodes <= 1:
-        return Console(stderr=True)
-    return Console(file=_LinePrefixer(f"[node {node}] "), force_terminal=False, soft_wrap=True, no_color=True)
+        return LazyConsole()
+    return LazyConsole(file=_LinePrefixer(f"[node {node}] "), force_terminal=False, soft_wrap=True, no_color=True)

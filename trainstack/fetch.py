@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract
 from trainstack.errors import FetchError
+from trainstack.stack import RUNS_DIRNAME
 from trainstack.transfer import (
     RSYNC_LINK_FAILURES,
     LinkFailed,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from trainstack.runs import RunInfo
     from trainstack.stack import Target
 
-RUNS_DIRNAME = "runs"
 RECORD_FILE = "fetch.json"
 LOG_NAME = contract.Remote.RUN_LOG
 #: Where rsync keeps a half-fetched file (inside each destination directory) until

@@ -118,7 +118,7 @@ class Manifest:
         return manifest
 
     def write(self, path: Path) -> None:
-        _atomic_write(path, self.dumps())
+        atomic_write(path, self.dumps())
 
     @staticmethod
     def read_digest(path: Path) -> str | None:
@@ -201,20 +201,30 @@ class HashCache:
     def __init__(self, path: Path | None, root: Path) -> None:
         self.path = path
         self.root = str(Path(root).resolve())
-        self._entries: dict[str, list[int | str]] = {}
+        self._loaded: dict[str, list[int | str]] | None = None if path is not None else {}
         self._dirty = False
-        if path is not None:
-            self._load(path)
 
-    def _load(self, path: Path) -> None:
+    @property
+    def _entries(self) -> dict[str, list[int | str]]:
+        # Read on first use: a sync that finds the tree unchanged (`PendingScan.stat_key`) never needs it.
+        if self._loaded is None:
+            self._loaded = self._load(self.path) if self.path is not None else {}
+        return self._loaded
+
+    @_entries.setter
+    def _entries(self, entries: dict[str, list[int | str]]) -> None:
+        self._loaded = entries
+
+    def _load(self, path: Path) -> dict[str, list[int | str]]:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError):
-            return
+            return {}
         if isinstance(data, dict) and data.get("format") == FORMAT and data.get("root") == self.root:
             entries = data.get("entries")
             if isinstance(entries, dict):
-                self._entries = entries
+                return entries
+        return {}
 
     def lookup(self, rel: str, st: os.stat_result) -> str | None:
         cached = self._entries.get(rel)
@@ -236,7 +246,7 @@ class HashCache:
         if self.path is None or not self._dirty:
             return
         data = {"format": FORMAT, "root": self.root, "entries": self._entries}
-        _atomic_write(self.path, json.dumps(data, separators=(",", ":")).encode("ascii"))
+        atomic_write(self.path, json.dumps(data, separators=(",", ":")).encode("ascii"))
         self._dirty = False
 
 
@@ -256,15 +266,16 @@ def start_scan(
     root: Path, paths: Sequence[str], cache: HashCache | None = None,
     stats: Mapping[str, os.stat_result] | None = None,
 ) -> "PendingScan":
-    """Stat `paths`; the hashing the cache cannot spare is left to `PendingScan.finish`
-    (so it can run while something else, a first transfer, is under way).
+    """Stat `paths`; the cache lookups and the hashing the cache cannot spare are left
+    to `PendingScan.finish` (so they can run while something else, a first transfer, is
+    under way, or be skipped when `PendingScan.stat_key` shows nothing changed).
 
     Paths that vanished or turned into something other than a file or symlink since
     they were selected are left out (the next sync will see the tree as it is then).
     `stats`: `lstat` results already taken (by the selection), used instead of new ones.
     """
     cache = cache if cache is not None else HashCache(None, root)
-    found: dict[str, tuple[str, int, os.stat_result, str | None]] = {}
+    found: dict[str, tuple[str, int, os.stat_result]] = {}
     base = os.fspath(root)
     known = stats or {}
     for rel in paths:
@@ -280,19 +291,41 @@ def start_scan(
             kind, mode = FILE, stat.S_IMODE(st.st_mode)
         else:
             continue
-        found[rel] = (kind, mode, st, cache.lookup(rel, st))
+        found[rel] = (kind, mode, st)
     return PendingScan(base, found, cache)
 
 
 class PendingScan:
     """A stat'ed tree whose missing content hashes are computed by `finish()`."""
 
-    def __init__(self, base: str, found: dict[str, tuple[str, int, os.stat_result, str | None]], cache: HashCache) -> None:
+    def __init__(self, base: str, found: dict[str, tuple[str, int, os.stat_result]], cache: HashCache) -> None:
         self.base = base
         self.found = found
         self.cache = cache
         self.stats = ScanStats()
         self._manifest: Manifest | None = None
+        self._stat_key: str | None = None
+
+    def stat_key(self) -> str:
+        """Identifies the tree by its paths and their (size, mtime, inode, ctime, mode): the
+        same facts the hash cache trusts. While it is unchanged, the manifest is too, so
+        a no-op sync can compare this instead of reading the cache and building the manifest.
+        """
+        if self._stat_key is None:
+            h = hashlib.sha256(os.fsencode(self.base) + b"\0\0")
+            h.update(b"".join(
+                b"%s\0%d\0%d\0%d\0%d\0%d\0" % (
+                    os.fsencode(rel), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode
+                )
+                for rel, (_, _, st) in self.found.items()
+            ))
+            self._stat_key = h.hexdigest()
+        return self._stat_key
+
+    @property
+    def complete(self) -> bool:
+        """The finished manifest holds every path stat'ed (none vanished while it was hashed)."""
+        return self._manifest is not None and len(self._manifest.entries) == len(self.found)
 
     @property
     def paths(self) -> list[str]:
@@ -300,15 +333,18 @@ class PendingScan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(st.st_size for _, _, st, _ in self.found.values())
+        return sum(st.st_size for _, _, st in self.found.values())
 
     def finish(self) -> Manifest:
         if self._manifest is not None:
             return self._manifest
-        todo = [rel for rel, (_, _, _, digest) in self.found.items() if digest is None]
+        lookup = self.cache.lookup
+        known = {rel: lookup(rel, st) for rel, (_, _, st) in self.found.items()}
+        todo = [rel for rel, digest in known.items() if digest is None]
         digests = dict(self._hash_all(todo))
         entries: dict[str, Entry] = {}
-        for rel, (kind, mode, st, digest) in self.found.items():
+        for rel, (kind, mode, st) in self.found.items():
+            digest = known[rel]
             if digest is None:
                 digest = digests.get(rel)
                 if digest is None:
@@ -351,7 +387,7 @@ def _hash_link(path: str) -> str:
     return hashlib.new(_HASH, os.fsencode(os.readlink(path))).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Per thread as well: the nodes of a multi-node stack are synced in parallel.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

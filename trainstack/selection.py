@@ -21,6 +21,7 @@ content behind it. Empty directories are not shipped (git has no notion of them)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -87,7 +88,7 @@ def select_files(workdir: Path, exclude: Iterable[str] = ()) -> Selection:
     stats: dict[str, os.stat_result] = {}
     listed = _git_listing(root, stats)
     if listed is not None:
-        paths = [p for p in listed if keep(p, False)]
+        paths = keep.filter_files(listed)
         return Selection(root=root, paths=tuple(sorted(set(paths))), source=SOURCE_GIT, stats=stats)
     paths = list(_walk_gitignore(root, keep))
     return Selection(root=root, paths=tuple(sorted(set(paths))), source=SOURCE_GITIGNORE)
@@ -143,6 +144,17 @@ class _ShipFilter:
             return True
         return bool(self._check(rel + "/" if is_dir else rel))
 
+    def filter_files(self, paths: Iterable[str]) -> list[str]:
+        """The files of `paths` this filter keeps: `[p for p in paths if self(p, False)]`,
+        in one regex test per path when only the default excludes apply (no
+        `.trainstackignore`), the usual case."""
+        if self._check is not _default_excludes_only:
+            return [p for p in paths if self(p, False)]
+        prefixes = tuple(a + "/" for a in self._anchored)
+        exact = frozenset(self._anchored)
+        search = _DEFAULT_COMPONENT.search
+        return [p for p in paths if not search(p) and p not in exact and not p.startswith(prefixes)]
+
     def __call__(self, rel: str, is_dir: bool) -> bool:
         """True when `rel` is shipped (as far as this filter is concerned)."""
         parent = rel.rpartition("/")[0]
@@ -155,6 +167,14 @@ class _ShipFilter:
 
 _DEFAULT_NAMES = frozenset(p for p in DEFAULT_EXCLUDES if "*" not in p)
 _DEFAULT_SUFFIXES = tuple(p[1:] for p in DEFAULT_EXCLUDES if p.startswith("*") and "*" not in p[1:])
+
+
+# A path some component of which DEFAULT_EXCLUDES (or NEVER_SHIPPED) names: the same
+# answer `_default_excludes_only` gives component by component, in one regex.
+_DEFAULT_COMPONENT = re.compile(
+    "(?:^|/)(?:" + "|".join(re.escape(n) for n in sorted(_DEFAULT_NAMES | NEVER_SHIPPED)) + ")(?:/|$)"
+    + "".join("|" + re.escape(suffix) + "(?:/|$)" for suffix in _DEFAULT_SUFFIXES)
+)
 
 
 def _default_excludes_only(path: str) -> bool | None:
@@ -186,56 +206,87 @@ def _read_lines(path: Path) -> list[str]:
 # --- git ------------------------------------------------------------------------------
 
 
-def _run_git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+def _git_env() -> dict[str, str]:
     env = dict(os.environ)
     # The listing must describe the tree on disk, whatever repository the caller's
     # shell happens to point at.
     for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
         env.pop(var, None)
-    return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, check=False)
+    return env
+
+
+def _run_git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", *args], cwd=root, env=_git_env(), capture_output=True, check=False)
 
 
 def _git_listing(root: Path, stats: dict[str, os.stat_result] | None = None, prefix: str = "") -> list[str] | None:
     """git's view of `root` (which may be a subdirectory of a work tree), or None
     when `root` is not inside a git work tree (or git is not installed). Each listed
-    path's `lstat` goes into `stats`, keyed by `prefix` + path."""
+    path's `lstat` goes into `stats`, keyed by `prefix` + path.
+
+    `git ls-files -co --exclude-standard` in two halves: while one git walks the tree for
+    untracked files, the tracked ones (read from the index at once) are stat'ed here.
+    """
     if shutil.which("git") is None:
         return None
-    done = _run_git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    if done.returncode != 0:
+    others = subprocess.Popen(
+        ["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=root, env=_git_env(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        cached = _run_git(root, "ls-files", "-z", "--cached")
+        out: list[str] = []
+        if cached.returncode == 0:
+            _stat_listed(root, cached.stdout, out, stats, prefix)
+        others_out, others_err = others.communicate()
+    except BaseException:
+        others.kill()
+        others.wait()
+        raise
+    if cached.returncode != 0 or others.returncode != 0:
         inside = _run_git(root, "rev-parse", "--is-inside-work-tree")
         if inside.returncode != 0 or inside.stdout.strip() != b"true":
             return None
-        message = done.stderr.decode(errors="replace").strip().splitlines()
+        failed = cached.stderr if cached.returncode != 0 else others_err
+        message = failed.decode(errors="replace").strip().splitlines()
         raise SelectionError(
             f"git could not list the files of {root}: {message[-1] if message else 'unknown error'}"
             " — fix the repository or run sync from a directory git can read"
         )
-    names = [os.fsdecode(n) for n in done.stdout.split(b"\0") if n]
-    if not names and _workdir_is_ignored(root):
+    _stat_listed(root, others_out, out, stats, prefix)
+    if not cached.stdout.strip(b"\0") and not others_out.strip(b"\0") and _workdir_is_ignored(root):
         # git lists nothing inside an ignored directory; the workdir itself being
         # ignored by an enclosing repository means it is a project of its own.
         return None
-    out: list[str] = []
-    base = os.fspath(root)
-    for name in names:
+    return out
+
+
+def _stat_listed(
+    root: Path, listing: bytes, out: list[str], stats: dict[str, os.stat_result] | None, prefix: str
+) -> None:
+    """Append the files and symlinks of git's NUL-separated `listing` to `out`, with their `lstat`."""
+    base = os.path.join(os.fspath(root), "")
+    lstat, is_dir, is_file, is_link = os.lstat, stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
+    # One decode for the whole listing: NUL is ASCII, so splitting after decoding is the same.
+    for name in os.fsdecode(listing).split("\0"):
+        if not name:
+            continue
         rel = name.rstrip("/")
         try:
-            st = os.lstat(os.path.join(base, rel))
+            st = lstat(base + rel)
         except FileNotFoundError:
             continue  # tracked but deleted in the work tree
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir(st.st_mode):
             # A submodule or an untracked nested repository: git lists it as one
             # entry; its own git knows its files.
             nested = _git_listing(root / rel, stats, f"{prefix}{rel}/")
             if nested is None:
                 continue
             out.extend(f"{rel}/{n}" for n in nested)
-        elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        elif is_file(st.st_mode) or is_link(st.st_mode):
             out.append(rel)
             if stats is not None:
                 stats[prefix + rel] = st
-    return out
 
 
 def _workdir_is_ignored(root: Path) -> bool:

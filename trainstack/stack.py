@@ -36,6 +36,8 @@ ENV_WORKDIR = "TRAINSTACK_WORKDIR"
 #: The private key to offer for a stack created with the user's own public key.
 ENV_SSH_KEY = "TRAINSTACK_SSH_KEY"
 STATE_DIRNAME = ".trainstack"
+#: Where fetched runs land, under the project: <project>/runs/<stack>/.
+RUNS_DIRNAME = "runs"
 OUTPUTS_CACHE = "outputs.json"
 KNOWN_HOSTS = "known_hosts"
 PRIVATE_KEY = "id_key"

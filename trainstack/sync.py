@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract
 from trainstack.errors import SyncError
-from trainstack.manifest import HashCache, Manifest, PendingScan, diff, header_digest, start_scan
+from trainstack.manifest import HashCache, Manifest, PendingScan, atomic_write, diff, header_digest, start_scan
 from trainstack.selection import select_files
 from trainstack.transfer import (
     REMOTE_TIMEOUT,
@@ -88,6 +88,7 @@ TRANSPORT_NONE = "none"
 
 STATE_SUBDIR = "sync"
 HASH_CACHE = "hash-cache.json"
+TREE_KEY = "tree-key"  # the tree's stat key and the digest of its manifest
 #: A sync whose connection drops is tried again this many times in all.
 TRANSFER_ATTEMPTS = 3
 
@@ -159,6 +160,8 @@ def sync(
     if mode not in ("auto", TRANSPORT_RSYNC, TRANSPORT_TAR):
         raise SyncError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
 
+    # The handshake (if no master is open yet) runs in its own process while the tree is listed.
+    conn.open_master()
     state = _LocalState(target, conn.node_index)
     remote = _RemoteLayout.of(target)
     last_digest = None if full else state.read_synced_digest()
@@ -182,12 +185,23 @@ def sync(
         try:
             _push_tar(conn, workdir, remote, pending, None, state, result, console, dry_run, expect_fresh=True)
             cache.save()
+            state.remember_tree(pending)
             return _finish(result, started, console, dry_run)
         except _ManifestChanged:
             node_changed = True  # the node holds an earlier sync: rsync against it
 
+    # A tree whose every stat is as when its manifest was last built has that manifest:
+    # neither the hash cache nor the manifest is needed to know nothing changed.
+    if (
+        probe is not None and state.read_tree() == (pending.stat_key(), last_digest)
+        and probe.result() == last_digest
+    ):
+        result.noop = True
+        return _finish(result, started, console, dry_run)
+
     current = pending.finish()
     cache.save()
+    state.remember_tree(pending)
     # Only an unchanged tree needs the node's answer; otherwise the probe is left to finish.
     if probe is not None and last_digest == current.digest and probe.result() == last_digest:
         result.noop = True
@@ -232,7 +246,7 @@ def shipped_excludes(target: "Target") -> list[str]:
     puts results when it lies inside the workdir."""
     excludes = list(target.results)
     workdir = target.require_workdir()
-    from trainstack.fetch import RUNS_DIRNAME
+    from trainstack.stack import RUNS_DIRNAME
 
     runs_root = Path(target.project_dir) / RUNS_DIRNAME
     try:
@@ -253,8 +267,24 @@ class _LocalState:
     def __init__(self, target: "Target", node_index: int) -> None:
         self.dir = Path(target.state_dir) / STATE_SUBDIR
         self.hash_cache_path = self.dir / HASH_CACHE
+        self.tree_path = self.dir / TREE_KEY
         self.synced_path = self.dir / f"node{node_index}.manifest"
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def read_tree(self) -> tuple[str, str] | None:
+        """(stat key, manifest digest) of the tree when its manifest was last built."""
+        try:
+            key, digest = self.tree_path.read_text("ascii").split()
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return key, digest
+
+    def remember_tree(self, pending: PendingScan) -> None:
+        if not pending.complete:
+            return  # a file vanished while it was hashed: its stat key describes no manifest
+        line = f"{pending.stat_key()} {pending.finish().digest}\n"
+        if self.read_tree() != tuple(line.split()):
+            atomic_write(self.tree_path, line.encode("ascii"))
 
     def read_synced(self) -> Manifest | None:
         return Manifest.read(self.synced_path)

@@ -217,7 +217,7 @@ class Progress:
 
             self._bar = Bar(
                 "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                console=self.console, transient=True,
+                console=getattr(self.console, "real", self.console), transient=True,  # a LazyConsole's rich Console
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.label, total=self.total)
