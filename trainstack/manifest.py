@@ -28,7 +28,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 FORMAT = 1
 FILE = "f"
@@ -37,8 +37,8 @@ _HASH = "sha256"
 _READ_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    # A tuple rather than a dataclass: a sync builds one per file, several times over.
     kind: str  # FILE or SYMLINK
     size: int
     mtime_ns: int
@@ -55,11 +55,28 @@ class Entry:
         )
 
 
-@dataclass
 class Manifest:
-    entries: dict[str, Entry] = field(default_factory=dict)
-    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
-    _lines: list[bytes] | None = field(default=None, init=False, repr=False, compare=False)
+    """The entries of a shipped tree. A manifest read from a file keeps the file's lines
+    and parses its entries only when asked: diffing two manifests compares lines, so a
+    small change never needs the whole previous manifest parsed."""
+
+    def __init__(self, entries: dict[str, Entry] | None = None) -> None:
+        self._entries: dict[str, Entry] | None = entries if entries is not None else {}
+        self._digest: str | None = None
+        self._lines: list[bytes] | None = None
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        if self._entries is None:
+            assert self._lines is not None
+            self._entries = dict(parse_lines(self._lines))
+        return self._entries
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Manifest) and self.entries == other.entries
+
+    def __repr__(self) -> str:
+        return f"Manifest({len(self)} entries, digest {self.digest[:12]})"
 
     @property
     def digest(self) -> str:
@@ -69,16 +86,15 @@ class Manifest:
         machine needs, so a touched tree still counts as already synced.
         """
         if self._digest is None:
-            h = hashlib.sha256()
             entries = self.entries
-            # NUL cannot occur in a path, so NUL-separated fields are unambiguous.
-            h.update(b"".join(
-                b"%s\0%s\0%d\0%d\0%s\0" % (
-                    os.fsencode(path), e.kind.encode(), e.size, e.mode, e.digest.encode()
-                )
-                for path, e in ((p, entries[p]) for p in sorted(entries))
-            ))
-            self._digest = h.hexdigest()
+            # NUL cannot occur in a path, so NUL-separated fields are unambiguous. Encoded
+            # once as a whole: the same bytes as os.fsencode of each path.
+            paths = sorted(entries)
+            text = "".join([
+                f"{path}\0{e.kind}\0{e.size:d}\0{e.mode:d}\0{e.digest}\0"
+                for path, e in zip(paths, map(entries.__getitem__, paths))
+            ])
+            self._digest = hashlib.sha256(os.fsencode(text)).hexdigest()
         return self._digest
 
     @property
@@ -86,16 +102,17 @@ class Manifest:
         return sum(e.size for e in self.entries.values())
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._lines) if self._entries is None and self._lines is not None else len(self.entries)
 
     def header_line(self) -> bytes:
-        header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes}
+        body = hashlib.sha256(b"".join(self.body_lines())).hexdigest()
+        header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes, "body": body}
         return json.dumps(header).encode("ascii") + b"\n"
 
     def body_lines(self) -> list[bytes]:
         """One line per entry, in byte order (the order `LC_ALL=C sort` gives on the node)."""
         if self._lines is None:
-            self._lines = sorted(_entry_line(path, e) for path, e in self.entries.items())
+            self._lines = sorted(entry_line(path, e) for path, e in self.entries.items())
         return self._lines
 
     def dumps(self) -> bytes:
@@ -103,17 +120,28 @@ class Manifest:
 
     @classmethod
     def loads(cls, data: bytes) -> "Manifest":
-        """Parse a manifest; raises ValueError when it is damaged or of another format."""
+        """Parse a manifest; raises ValueError when it is damaged or of another format.
+
+        The header's checksum of the body vouches for the lines, which are then parsed
+        on demand; a header without one (an older writer) has every entry parsed and the
+        digest recomputed instead."""
         head, _, body = data.partition(b"\n")
         header = json.loads(head)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError("unknown manifest format")
-        rows = json.loads(b"[" + b",".join(body.splitlines()) + b"]")
-        entries = {}
-        for path, kind, size, mtime_ns, mode, digest in rows:
-            entries[path] = Entry(kind, int(size), int(mtime_ns), int(mode), str(digest))
-        manifest = cls(entries)
-        if manifest.digest != header.get("digest"):
+        digest = header.get("digest")
+        if not isinstance(digest, str):
+            raise ValueError("manifest header without a digest")
+        manifest = cls()
+        checksum = header.get("body")
+        if isinstance(checksum, str):
+            if hashlib.sha256(body).hexdigest() != checksum:
+                raise ValueError("manifest body does not match its checksum")
+            manifest._entries, manifest._lines = None, body.splitlines(keepends=True)
+            manifest._digest = digest
+            return manifest
+        manifest._entries = dict(parse_lines(body.splitlines()))
+        if manifest.digest != digest:
             raise ValueError("manifest digest does not match its entries")
         return manifest
 
@@ -138,7 +166,22 @@ class Manifest:
             return None
 
 
-def _entry_line(path: str, e: Entry) -> bytes:
+def parse_lines(lines: Iterable[bytes]) -> Iterator[tuple[str, Entry]]:
+    """(path, entry) of each manifest body line; ValueError on a damaged one."""
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return iter(())
+    try:
+        rows = json.loads(b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]")
+        return iter([
+            (str(path), Entry(str(kind), int(size), int(mtime_ns), int(mode), str(digest)))
+            for path, kind, size, mtime_ns, mode, digest in rows
+        ])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"damaged manifest line: {exc}") from None
+
+
+def entry_line(path: str, e: Entry) -> bytes:
     # ensure_ascii escaping keeps the file plain ASCII whatever the file names are
     # (undecodable bytes, kept as surrogates, included).
     return b'[%s, "%s", %d, %d, %d, "%s"]\n' % (
@@ -170,6 +213,11 @@ class Diff:
     removed: tuple[str, ...]
     #: Changed content that rsync's quick check (size + mtime) would miss.
     forced: tuple[str, ...]
+    #: The changed paths base already had (the others are new).
+    updated: frozenset[str] = frozenset()
+    #: The manifest lines to drop from base and to add to it to make current (sorted).
+    lines_removed: tuple[bytes, ...] = ()
+    lines_added: tuple[bytes, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -177,19 +225,22 @@ class Diff:
 
 
 def diff(current: Manifest, base: Manifest) -> Diff:
-    changed, forced = [], []
-    for path, entry in current.entries.items():
-        old = base.entries.get(path)
-        if old is None:
-            changed.append(path)
-        elif not entry.same_content(old):
-            changed.append(path)
-            if entry.looks_unchanged_to_rsync(old):
-                forced.append(path)
-        elif entry.mtime_ns != old.mtime_ns:
-            changed.append(path)
-    removed = [p for p in base.entries if p not in current.entries]
-    return Diff(tuple(sorted(changed)), tuple(sorted(removed)), tuple(sorted(forced)))
+    """What changed from `base` to `current`, from the lines that differ: a line holds
+    every field of an entry (mtime included), so only changed entries are parsed."""
+    added = set(current.body_lines()).difference(base.body_lines())
+    gone = set(base.body_lines()).difference(current.body_lines())
+    new = dict(parse_lines(added))
+    old = dict(parse_lines(gone))
+    forced = [
+        path for path, entry in new.items()
+        if path in old and not entry.same_content(old[path]) and entry.looks_unchanged_to_rsync(old[path])
+    ]
+    removed = [path for path in old if path not in new]
+    return Diff(
+        changed=tuple(sorted(new)), removed=tuple(sorted(removed)), forced=tuple(sorted(forced)),
+        updated=frozenset(path for path in new if path in old),
+        lines_removed=tuple(sorted(gone)), lines_added=tuple(sorted(added)),
+    )
 
 
 # --- scanning with a hash cache -------------------------------------------------------------

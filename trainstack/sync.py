@@ -51,11 +51,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from trainstack import contract
 from trainstack.errors import SyncError
-from trainstack.manifest import HashCache, Manifest, PendingScan, atomic_write, diff, header_digest, start_scan
+from trainstack.manifest import (
+    Diff, HashCache, Manifest, PendingScan, atomic_write, diff, header_digest, start_scan,
+)
 from trainstack.selection import select_files
 from trainstack.transfer import (
     REMOTE_TIMEOUT,
@@ -200,17 +202,18 @@ def sync(
         return _finish(result, started, console, dry_run)
 
     current = pending.finish()
-    cache.save()
-    state.remember_tree(pending)
+    # The local bookkeeping runs while the node applies a small change (see _StreamPush).
+    bookkeeping = _Bookkeeping(cache, state, pending)
     # Only an unchanged tree needs the node's answer; otherwise the probe is left to finish.
     if probe is not None and last_digest == current.digest and probe.result() == last_digest:
+        bookkeeping.finish()
         result.noop = True
         return _finish(result, started, console, dry_run)
 
     last = None if full else state.read_synced()
     if not use_tar:
         pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
-        stream = _StreamPush(conn, workdir, remote) if mode == "auto" and not bwlimit_kbps else None
+        stream = _StreamPush(conn, workdir, remote, bookkeeping.run) if mode == "auto" and not bwlimit_kbps else None
         try:
             _push_with_retries(
                 pusher, conn, current, last, state, result, dry_run, node_changed=node_changed, stream=stream
@@ -224,7 +227,36 @@ def sync(
             use_tar = True
     if use_tar:
         _push_tar(conn, workdir, remote, pending, last, state, result, console, dry_run)
+    bookkeeping.finish()
     return _finish(result, started, console, dry_run)
+
+
+class _Bookkeeping:
+    """Saving the hash cache and the tree's stat key: local work that can run while the
+    node is busy (a thread, during a small change's one remote exchange) or after."""
+
+    def __init__(self, cache: HashCache, state: _LocalState, pending: PendingScan) -> None:
+        self._work = (cache, state, pending)
+        self._done = False
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            cache, state, pending = self._work
+            try:
+                cache.save()
+                state.remember_tree(pending)
+            except BaseException as exc:  # noqa: BLE001 - raised again by finish(), in the caller's thread
+                self._error = exc
+
+    def finish(self) -> None:
+        self.run()
+        if self._error is not None:
+            raise self._error
 
 
 def _openssh_tar_available() -> bool:
@@ -408,8 +440,10 @@ _RSYNC_WRAPPER = (
     "else : > \"$2\" || exit 1; fi; }}; "
     "mkdir -p {workdir} {scratch} || exit 1; "
     # rsync's temporary files live in a scratch dir per sync, not in the workdir; those of
-    # syncs that were killed (their pid is gone) are removed here.
-    "for d in {scratch}/*; do [ -d \"$d\" ] || continue; kill -0 \"${{d##*/}}\" 2>/dev/null || rm -rf \"$d\"; done; "
+    # syncs that were killed (their pid is gone, or a zombie not yet reaped) are removed here.
+    "for d in {scratch}/*; do [ -d \"$d\" ] || continue; p=${{d##*/}}; "
+    "if kill -0 \"$p\" 2>/dev/null && ! grep -qs '^State:.Z' \"/proc/$p/status\"; then continue; fi; "
+    "rm -rf \"$d\"; done; "
     "s={scratch}/$$; mkdir \"$s\" || exit 1; "
     "if [ -f {manifest} ]; then mv -f {manifest} {partial} || exit 1; fi; "
     "take {header_size} \"$s/header\"; take {removed_size} \"$s/removed\"; take {added_size} \"$s/added\"; "
@@ -462,6 +496,7 @@ class _Plan:
     base: Manifest | None  # what we believe the node holds
     expected_digest: str | None  # the node must hold this manifest (None: none at all)
     check: bool  # whether the node must confirm `expected_digest` first
+    change: Diff | None = None  # base -> new_manifest, when there is a base
 
     def rmdirs(self) -> list[str]:
         """Parent dirs of deleted paths, deepest first: removed on the node only if empty."""
@@ -526,10 +561,9 @@ class _RsyncPush:
         q = shlex.quote
         r = self.remote
         current = plan.new_manifest
-        if plan.check and plan.base is not None and plan.expected_digest == plan.base.digest:
+        if plan.check and plan.base is not None and plan.change is not None and plan.expected_digest == plan.base.digest:
             # The node holds `base` (checked first): send only the lines that differ.
-            old_lines, new_lines = set(plan.base.body_lines()), set(current.body_lines())
-            removed, added = sorted(old_lines - new_lines), sorted(new_lines - old_lines)
+            removed, added = list(plan.change.lines_removed), list(plan.change.lines_added)
             patch_base = q(r.partial)
         else:
             removed, added, patch_base = [], current.body_lines(), "/dev/null"
@@ -635,13 +669,16 @@ class _StreamPush:
     for rsync's delta transfer, a file changed since the scan); the caller then uses rsync.
     """
 
-    def __init__(self, conn: "Connection", workdir: Path, remote: _RemoteLayout) -> None:
+    def __init__(
+        self, conn: "Connection", workdir: Path, remote: _RemoteLayout, meanwhile: Callable[[], None] | None = None
+    ) -> None:
         self.conn = conn
         self.workdir = workdir
         self.remote = remote
+        self.meanwhile = meanwhile  # local work to do while the node applies the change
 
     def push(self, plan: _Plan) -> RsyncOutcome | None:
-        if not plan.check or plan.base is None or plan.expected_digest != plan.base.digest:
+        if not plan.check or plan.base is None or plan.change is None or plan.expected_digest != plan.base.digest:
             return None
         entries = plan.new_manifest.entries
         send = plan.send
@@ -674,19 +711,26 @@ class _StreamPush:
                 f"sync to {self.conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
                 " — fix the cause and run sync again"
             )
-        base = plan.base
-        changes = [f"{'~' if p in base.entries else '+'} {p}" for p in send]
+        assert plan.change is not None
+        changes = [f"{'~' if p in plan.change.updated else '+'} {p}" for p in send]
         return RsyncOutcome(
             transferred=len(send), bytes_sent=len(archive) + len(script), changes=changes
         )
 
     def _deliver(self, proc: "subprocess.Popen[bytes]", archive: bytes) -> bytes:
-        """Write the archive to the remote shell and wait for it; its stderr."""
+        """Write the archive to the remote shell and wait for it; its stderr. `meanwhile`
+        runs in a thread during the wait (this thread mostly sleeps in poll())."""
+        helper = threading.Thread(target=self.meanwhile, daemon=True) if self.meanwhile is not None else None
+        if helper is not None:
+            helper.start()
         try:
             _, err = proc.communicate(archive, timeout=REMOTE_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
+        finally:
+            if helper is not None:
+                helper.join()
         return err or b""
 
     def _script(self, plan: _Plan, token: str) -> str:
@@ -718,9 +762,8 @@ class _StreamPush:
         import tarfile
 
         current = plan.new_manifest
-        base = plan.base
-        assert base is not None
-        old_lines, new_lines = set(base.body_lines()), set(current.body_lines())
+        change = plan.change
+        assert change is not None
         blocks: list[bytes] = []
 
         def add(info: "tarfile.TarInfo", data: bytes = b"") -> None:
@@ -755,7 +798,7 @@ class _StreamPush:
             except OSError:
                 return None
         # The manifest patch, last: its presence proves the whole archive arrived.
-        removed, added = sorted(old_lines - new_lines), sorted(new_lines - old_lines)
+        removed, added = change.lines_removed, change.lines_added
         patch = b"".join([current.header_line(), b"%d\n" % len(removed), *removed, *added])
         info = tarfile.TarInfo(f"{token}/patch")
         info.size = len(patch)
@@ -785,21 +828,30 @@ def _push_with_retries(
     remote shell, no rsync) when it fits; everything else through rsync."""
     result.transport = TRANSPORT_RSYNC
     base = last  # what we believe the node holds
-    known_paths: set[str] = set(last.entries) if last is not None else set()
+    # Paths the node may hold beyond `base`: none while it holds `base` (whose own gone
+    # paths the diff deletes); once it turns out not to, what we last shipped and what
+    # its manifests list.
+    known_paths: set[str] = set()
     full_list = last is None
     check = True  # make the node confirm it holds `base` before anything changes
+
+    def learn_node() -> Manifest | None:
+        node_base, remote_paths = _read_remote_base(conn, pusher.remote)
+        known_paths.update(remote_paths)
+        if last is not None:
+            known_paths.update(last.entries)
+        return node_base
+
     if node_changed:
-        base, remote_paths = _read_remote_base(conn, pusher.remote)
-        known_paths |= remote_paths
+        base = learn_node()
         full_list, check = True, False
     if dry_run:
         # A dry run changes nothing, so confirm up front instead of inside the wrapper.
         expected = base.digest if base is not None else None
         if expected is None or _read_remote_header(conn, pusher.remote) != expected:
-            base, remote_paths = _read_remote_base(conn, pusher.remote)
-            known_paths |= remote_paths
+            base = learn_node()
             full_list = True
-        send, delete, _ = _plan(current, base, known_paths, full_list)
+        send, delete, _, _ = _plan(current, base, known_paths, full_list)
         with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
             outcome = pusher.dry_run(Path(tmp_name), send)
         result.transferred = outcome.transferred
@@ -807,10 +859,10 @@ def _push_with_retries(
         result.changes = sorted(outcome.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
         return
     for attempt in range(1, TRANSFER_ATTEMPTS + 1):
-        send, delete, force = _plan(current, base, known_paths, full_list)
+        send, delete, force, change = _plan(current, base, known_paths, full_list)
         plan = _Plan(
             send=tuple(send), delete=tuple(delete), force=tuple(force), new_manifest=current, base=base,
-            expected_digest=base.digest if base is not None else None, check=check,
+            expected_digest=base.digest if base is not None else None, check=check, change=change,
         )
         try:
             outcome = None
@@ -832,8 +884,7 @@ def _push_with_retries(
                 wait_for_node(conn)
             # The node does not hold what we believed, or what happened before the break
             # is unknown: compare every file against what the node's manifests say.
-            base, remote_paths = _read_remote_base(conn, pusher.remote)
-            known_paths |= remote_paths
+            base = learn_node()
             full_list = True
             check = False
             continue
@@ -853,16 +904,16 @@ def _push_with_retries(
 
 def _plan(
     current: Manifest, base: Manifest | None, known_paths: set[str], full_list: bool
-) -> tuple[list[str], list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str], Diff | None]:
     """(paths for rsync to compare and ship, paths to delete on the node, files whose
-    content changed behind rsync's quick check)."""
+    content changed behind rsync's quick check, the diff from base)."""
     gone = {p for p in known_paths if p not in current.entries}
     if base is None:
-        return sorted(current.entries), sorted(gone), []
+        return sorted(current.entries), sorted(gone), [], None
     change = diff(current, base)
     gone.update(change.removed)
     send = set(current.entries) if full_list else set(change.changed)
-    return sorted(send), sorted(gone), list(change.forced)
+    return sorted(send), sorted(gone), list(change.forced), change
 
 
 # --- tar ------------------------------------------------------------------------------------
