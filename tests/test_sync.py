@@ -689,6 +689,38 @@ def test_small_change_set_goes_over_one_remote_shell(
     }
 
 
+def test_a_noop_and_a_small_change_each_cost_one_remote_session(
+    local_target: Target, connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shell that reports the node's manifest is the one that applies a small change:
+    one `ssh` through the ControlMaster per sync, and no other process reaches the node."""
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a1")
+    write(workdir, "b.py", "b1")
+    sync(local_target, connection)
+    assert connection.master_alive()
+    spawned: list[str] = []
+    real_popen = subprocess.Popen
+
+    class Recording(real_popen):  # type: ignore[misc, valid-type]
+        def __init__(self, args, *rest, **kwargs):  # type: ignore[no-untyped-def]
+            if isinstance(args, (list, tuple)) and os.path.basename(str(args[0])) in ("ssh", "rsync", "scp", "sftp"):
+                spawned.append(os.path.basename(str(args[0])))
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recording)
+    assert sync(local_target, connection).noop
+    assert spawned == ["ssh"]
+
+    spawned.clear()
+    write(workdir, "a.py", "a2, longer")
+    (workdir / "b.py").unlink()
+    result = sync(local_target, connection)
+    assert result.transport == "tar-stream" and result.transferred == 1 and result.deleted == 1
+    assert spawned == ["ssh"]
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
 def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(
     local_target: Target, connection: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,6 +67,7 @@ from trainstack.transfer import (
     RsyncOutcome,
     human,
     last_line,
+    raise_ssh_failure,
     read_remote_head,
     remote_shell,
     rsh_string,
@@ -167,7 +168,22 @@ def sync(
     state = _LocalState(target, conn.node_index)
     remote = _RemoteLayout.of(target)
     last_digest = None if full else state.read_synced_digest()
-    probe = _HeaderProbe(conn, remote) if last_digest is not None else None
+    session = _NodeSession(conn, remote) if last_digest is not None else None
+    try:
+        return _sync(
+            target, conn, state, remote, session, last_digest, started, workdir, mode, dry_run, console, full,
+            bwlimit_kbps,
+        )
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _sync(
+    target: "Target", conn: "Connection", state: "_LocalState", remote: "_RemoteLayout",
+    session: "_NodeSession | None", last_digest: str | None, started: float, workdir: Path, mode: str,
+    dry_run: bool, console: "Console | None", full: bool, bwlimit_kbps: int | None,
+) -> SyncResult:
     selection = select_files(workdir, exclude=shipped_excludes(target))
     cache = HashCache(state.hash_cache_path, workdir)
     pending = start_scan(workdir, selection.paths, cache, selection.stats)
@@ -195,8 +211,8 @@ def sync(
     # A tree whose every stat is as when its manifest was last built has that manifest:
     # neither the hash cache nor the manifest is needed to know nothing changed.
     if (
-        probe is not None and state.read_tree() == (pending.stat_key(), last_digest)
-        and probe.result() == last_digest
+        session is not None and state.read_tree() == (pending.stat_key(), last_digest)
+        and session.digest() == last_digest
     ):
         result.noop = True
         return _finish(result, started, console, dry_run)
@@ -204,8 +220,8 @@ def sync(
     current = pending.finish()
     # The local bookkeeping runs while the node applies a small change (see _StreamPush).
     bookkeeping = _Bookkeeping(cache, state, pending)
-    # Only an unchanged tree needs the node's answer; otherwise the probe is left to finish.
-    if probe is not None and last_digest == current.digest and probe.result() == last_digest:
+    # Only an unchanged tree needs the node's answer here; a change waits for it in _StreamPush.
+    if session is not None and last_digest == current.digest and session.digest() == last_digest:
         bookkeeping.finish()
         result.noop = True
         return _finish(result, started, console, dry_run)
@@ -213,7 +229,10 @@ def sync(
     last = None if full else state.read_synced()
     if not use_tar:
         pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
-        stream = _StreamPush(conn, workdir, remote, bookkeeping.run) if mode == "auto" and not bwlimit_kbps else None
+        stream = (
+            _StreamPush(conn, workdir, remote, bookkeeping.run, session) if mode == "auto" and not bwlimit_kbps
+            else None
+        )
         try:
             _push_with_retries(
                 pusher, conn, current, last, state, result, dry_run, node_changed=node_changed, stream=stream
@@ -365,27 +384,99 @@ def _read_remote_header(conn: "Connection", remote: _RemoteLayout) -> str | None
     return header_digest(head.split(b"\n", 1)[0]) if head else None
 
 
-class _HeaderProbe:
-    """Reads the node's manifest digest in the background while the local tree is
-    scanned, so a no-op sync costs one short exchange that overlaps local work."""
+# The remote end of `_NodeSession`: print a marker and the first line of the node's
+# manifest (a login shell that prints something first is skipped by the marker), then
+# wait for the client. EOF: nothing more to do. A byte count: a script of that many
+# bytes follows on stdin, with its own input after it; it runs in this shell.
+_SESSION_SCRIPT = (
+    "{{ IFS= read -r h < {manifest}; }} 2>/dev/null || h=; "
+    "printf '%s\\n%s\\n' {marker} \"$h\"; "
+    "IFS= read -r n || exit 0; "
+    "case $n in ''|*[!0-9]*) exit 0;; esac; "
+    "script=$(dd bs=\"$n\" count=1 iflag=fullblock status=none) || exit 1; "
+    "eval \"$script\""
+)
+_SESSION_MARKER = "trainstack-session"
+
+
+class _NodeSession:
+    """One remote shell opened through the ControlMaster as a sync starts, in a thread
+    while the local tree is listed. It reports the digest of the node's manifest (all a
+    no-op needs) and then waits: a small change is applied through it (`run`), so the
+    change costs no second remote session; anything else closes it."""
 
     def __init__(self, conn: "Connection", remote: _RemoteLayout) -> None:
+        self.conn = conn
+        self._proc: subprocess.Popen[bytes] | None = None
         self._digest: str | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(conn, remote), daemon=True)
+        self._spent = False
+        self._thread = threading.Thread(target=self._open, args=(remote,), daemon=True)
         self._thread.start()
 
-    def _run(self, conn: "Connection", remote: _RemoteLayout) -> None:
+    def _open(self, remote: _RemoteLayout) -> None:
         try:
-            self._digest = _read_remote_header(conn, remote)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+            script = _SESSION_SCRIPT.format(manifest=shlex.quote(remote.manifest), marker=_SESSION_MARKER)
+            argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
+            self._proc = proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            assert proc.stdout is not None
+            marker = _SESSION_MARKER.encode()
+            while True:
+                line = proc.stdout.readline()
+                if not line:  # the session ended before answering
+                    self._spent = True
+                    proc.stdin.close()  # type: ignore[union-attr]
+                    _, err = proc.communicate(timeout=REMOTE_TIMEOUT)
+                    stderr = err.decode("utf-8", "replace")
+                    if proc.returncode == 255:
+                        raise_ssh_failure(self.conn, stderr)
+                    raise SyncError(
+                        f"cannot read the sync manifest on {self.conn.describe()}: {last_line(stderr) or 'no answer'}"
+                    )
+                if line.rstrip(b"\n") == marker:
+                    break
+            self._digest = header_digest(proc.stdout.readline().rstrip(b"\n"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in digest()
             self._error = exc
 
-    def result(self) -> str | None:
+    def digest(self) -> str | None:
+        """The digest of the node's complete manifest, or None (missing, in progress, damaged)."""
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._digest
+
+    @property
+    def usable(self) -> bool:
+        """Open, answered, and not yet used for a script."""
+        self._thread.join()
+        return self._error is None and not self._spent and self._proc is not None and self._proc.poll() is None
+
+    def run(
+        self, script: str, data: bytes, deliver: Callable[["subprocess.Popen[bytes]", bytes], bytes]
+    ) -> tuple[int, bytes]:
+        """Run `script` in the session with `data` on its stdin; (exit code, stderr).
+        `deliver(proc, payload)` writes the payload and waits for the session to end."""
+        assert self.usable and self._proc is not None
+        self._spent = True
+        body = script.encode("utf-8", "surrogateescape")
+        err = deliver(self._proc, b"%d\n" % len(body) + body + data)
+        return self._proc.returncode, err
+
+    def close(self) -> None:
+        """End the session (the node's shell sees EOF and exits)."""
+        self._thread.join()
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        self._spent = True
+        try:
+            proc.communicate(timeout=REMOTE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def _read_remote_base(conn: "Connection", remote: _RemoteLayout) -> tuple[Manifest | None, set[str]]:
@@ -670,12 +761,14 @@ class _StreamPush:
     """
 
     def __init__(
-        self, conn: "Connection", workdir: Path, remote: _RemoteLayout, meanwhile: Callable[[], None] | None = None
+        self, conn: "Connection", workdir: Path, remote: _RemoteLayout, meanwhile: Callable[[], None] | None = None,
+        session: _NodeSession | None = None,
     ) -> None:
         self.conn = conn
         self.workdir = workdir
         self.remote = remote
         self.meanwhile = meanwhile  # local work to do while the node applies the change
+        self.session = session  # the sync's open remote shell, used once if still usable
 
     def push(self, plan: _Plan) -> RsyncOutcome | None:
         if not plan.check or plan.base is None or plan.change is None or plan.expected_digest != plan.base.digest:
@@ -698,10 +791,15 @@ class _StreamPush:
         archive = self._archive(plan, token)
         if archive is None:
             return None
-        argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        stderr = self._deliver(proc, archive).decode("utf-8", "replace")
-        code = proc.returncode
+        session, self.session = self.session, None
+        if session is not None and session.usable:
+            code, err = session.run(script, archive, self._deliver)
+        else:
+            argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            err = self._deliver(proc, archive)
+            code = proc.returncode
+        stderr = err.decode("utf-8", "replace")
         if code != 0:
             if _MARK_MANIFEST_CHANGED in stderr:
                 raise _ManifestChanged()
