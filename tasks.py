@@ -86,11 +86,12 @@ def wait(c, stack=None, workdir=None, timeout=None):
 @handle_errors
 def sync(c, stack=None, workdir=None, dry_run=False):
     """Ship the project to the node (incremental; results dirs are never touched)."""
-    from trainstack.sync import sync as sync_project
-
     target = _target(stack, workdir)
     target.require_workdir()
     with _connection(target) as conn:
+        conn.open_master()  # the handshake, if any, runs while the rest loads
+        from trainstack.sync import sync as sync_project
+
         sync_project(target, conn, dry_run=dry_run, console=_console())
 
 

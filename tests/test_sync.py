@@ -176,6 +176,29 @@ def test_first_sync_ships_exactly_the_selection(local_target: Target, connection
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
+def test_first_sync_over_files_already_on_the_node_keeps_what_it_does_not_ship(
+    local_target: Target, connection: Connection
+) -> None:
+    """No manifest on the node, but a workdir with files (copied by hand, made by a job):
+    the shipped set replaces its own paths, everything else stays."""
+    workdir = local_target.require_workdir()
+    write(workdir, "train.py", "print('local')\n")
+    write(workdir, "pkg/model.py", "local model\n")
+    remote = remote_workdir(local_target)
+    write(remote, "train.py", "print('stale copy')\n")
+    write(remote, "made-on-the-node.txt", "node's own")
+    write(remote, "pkg/cache.bin", b"\0node")
+    write(remote, "results/metrics.json", '{"acc": 0.5}')
+    result = sync(local_target, connection)
+    assert result.transport == "tar"
+    assert snapshot(remote, skip=("results",)) == {
+        **expected_remote(local_target),
+        "made-on-the-node.txt": ("file", b"node's own", False),
+        "pkg/cache.bin": ("file", b"\0node", False),
+    }
+    assert (remote / "results/metrics.json").read_text() == '{"acc": 0.5}'
+
+
 def test_git_repository_ships_gits_view(local_target: Target, connection: Connection) -> None:
     workdir = local_target.require_workdir()
     write(workdir, ".gitignore", "*.ckpt\nscratch/\n")

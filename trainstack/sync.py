@@ -201,9 +201,12 @@ def _sync(
         # A first sync moves everything: one tar stream beats rsync's per-file exchange,
         # and the content hashes are computed while it flows.
         try:
-            _push_tar(conn, workdir, remote, pending, None, state, result, console, dry_run, expect_fresh=True)
-            cache.save()
-            state.remember_tree(pending)
+            first = _Bookkeeping(cache, state, pending)
+            _push_tar(
+                conn, workdir, remote, pending, None, state, result, console, dry_run, expect_fresh=True,
+                meanwhile=first.run,
+            )
+            first.finish()
             return _finish(result, started, console, dry_run)
         except _ManifestChanged:
             node_changed = True  # the node holds an earlier sync: rsync against it
@@ -1050,6 +1053,10 @@ for rel in {results}; do
   fi
 done
 (cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | LC_ALL=C sort -z > "$s/have"
+if [ {fresh} = 1 ] && [ -s "$s/have" ]; then
+  # A first sync owns nothing on the node yet: what it shipped is the new tree itself.
+  (cd "$new" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' > "$s/known"
+fi
 LC_ALL=C sort -z -u "$s/known" > "$s/known.sorted"
 LC_ALL=C comm -z -23 "$s/have" "$s/known.sorted" | (cd "$w" && xargs -0 -r sh -c '
   for p do mkdir -p "$0/$(dirname "$p")"; mv "$p" "$0/$p"; done' "$new")
@@ -1076,6 +1083,7 @@ def _push_tar(
     dry_run: bool,
     *,
     expect_fresh: bool = False,
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
     """Ship the whole shipped set as one tar stream and swap it in.
 
@@ -1106,8 +1114,10 @@ def _push_tar(
         return
 
     q = shlex.quote
-    known_blob = _nul_list(sorted(known))
+    # A first sync sends no list ahead of the stream (the node derives it), so tar starts at once.
+    known_blob = b"" if expect_fresh else _nul_list(sorted(known))
     script = _TAR_SCRIPT.format(
+        fresh=1 if expect_fresh else 0,
         root=q(remote.root), workdir=q(remote.workdir), new=_TAR_NEW, old=_TAR_OLD, scratch=q(remote.scratch),
         check=_TAR_CHECK_FRESH.format(
             manifest=q(remote.manifest), partial=q(remote.partial), incoming=q(remote.incoming),
@@ -1120,7 +1130,7 @@ def _push_tar(
     stream = _stream_tar_openssh if _openssh_tar_available() else _stream_tar_paramiko
     for attempt in range(1, TRANSFER_ATTEMPTS + 1):
         try:
-            sent = stream(conn, workdir, pending, known_blob, script, console)
+            sent = stream(conn, workdir, pending, known_blob, script, console, meanwhile)
             break
         except LinkFailed as failure:
             if attempt == TRANSFER_ATTEMPTS:
@@ -1163,11 +1173,12 @@ def _tar_outcome(conn: "Connection", code: int, stderr: str) -> None:
 
 
 def _stream_tar_openssh(
-    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None"
+    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None",
+    meanwhile: Callable[[], None] | None = None,
 ) -> int:
     """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
     `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
-    follows as a second archive."""
+    follows as a second archive; `meanwhile` runs while the node swaps the tree in."""
     import re
 
     hashing = threading.Thread(target=pending.finish, daemon=True)
@@ -1235,7 +1246,12 @@ def _stream_tar_openssh(
                         tar.kill()
                 tar_stderr = tar.stderr.read().decode("utf-8", "replace")
                 tar_code = tar.wait()
+            helper = threading.Thread(target=meanwhile, daemon=True) if meanwhile is not None and not broken else None
+            if helper is not None:
+                helper.start()
             code = ssh.wait()
+            if helper is not None:
+                helper.join()
         stderr = stderr_path.read_text("utf-8", "replace")
     hashing.join()
     if broken and code == 0:
@@ -1247,7 +1263,8 @@ def _stream_tar_openssh(
 
 
 def _stream_tar_paramiko(
-    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None"
+    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None",
+    meanwhile: Callable[[], None] | None = None,  # run by the caller afterwards: nothing to overlap here
 ) -> int:
     """Python's tarfile writing into a paramiko channel: needs neither a local tar nor
     OpenSSH."""
