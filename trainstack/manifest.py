@@ -247,13 +247,21 @@ def diff(current: Manifest, base: Manifest) -> Diff:
 
 
 class HashCache:
-    """Content hashes of a tree, valid while a file's (size, mtime, inode, ctime) is unchanged."""
+    """Content hashes of a tree, valid while a file's (size, mtime, inode, ctime) is unchanged.
+
+    Stored as JSON Lines: a header, then one `["path", [size, mtime_ns, ino, ctime_ns,
+    "hash"]]` per file, later lines overriding earlier ones and `["path", null]` forgetting one.
+    Saving appends only what changed since the load (a one-file edit writes one line,
+    not the whole cache); the file is rewritten compactly once the appended lines
+    outnumber a quarter of the entries. A damaged line (a crash mid-append) is skipped.
+    """
 
     def __init__(self, path: Path | None, root: Path) -> None:
         self.path = path
         self.root = str(Path(root).resolve())
         self._loaded: dict[str, list[int | str]] | None = None if path is not None else {}
-        self._dirty = False
+        self._changed: dict[str, list[int | str] | None] = {}
+        self._lines = 0  # entry lines in the file as loaded (0: no usable file)
 
     @property
     def _entries(self) -> dict[str, list[int | str]]:
@@ -262,20 +270,27 @@ class HashCache:
             self._loaded = self._load(self.path) if self.path is not None else {}
         return self._loaded
 
-    @_entries.setter
-    def _entries(self, entries: dict[str, list[int | str]]) -> None:
-        self._loaded = entries
-
     def _load(self, path: Path) -> dict[str, list[int | str]]:
         try:
-            data = json.loads(path.read_bytes())
+            head, _, body = path.read_bytes().partition(b"\n")
+            header = json.loads(head)
         except (OSError, ValueError):
             return {}
-        if isinstance(data, dict) and data.get("format") == FORMAT and data.get("root") == self.root:
-            entries = data.get("entries")
-            if isinstance(entries, dict):
-                return entries
-        return {}
+        if not (isinstance(header, dict) and header.get("format") == CACHE_FORMAT and header.get("root") == self.root):
+            return {}
+        lines = body.splitlines()
+        try:
+            rows = json.loads(b"[" + b",".join(lines) + b"]")
+        except ValueError:
+            rows = [row for row in map(_json_or_none, lines) if row is not None]
+        try:
+            entries: dict[str, list[int | str] | None] = dict(rows)  # later lines win
+        except (TypeError, ValueError):
+            return {}
+        if None in entries.values():
+            entries = {rel: value for rel, value in entries.items() if value is not None}
+        self._lines = len(lines)
+        return entries  # type: ignore[return-value]
 
     def lookup(self, rel: str, st: os.stat_result) -> str | None:
         cached = self._entries.get(rel)
@@ -284,21 +299,55 @@ class HashCache:
         return None
 
     def store(self, rel: str, st: os.stat_result, digest: str) -> None:
-        self._entries[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest]
-        self._dirty = True
+        value: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest]
+        self._entries[rel] = value
+        self._changed[rel] = value
 
     def retain(self, paths: Iterable[str]) -> None:
-        keep = set(paths)
-        if any(p not in keep for p in self._entries):
-            self._entries = {p: v for p, v in self._entries.items() if p in keep}
-            self._dirty = True
+        keep = paths if isinstance(paths, (set, frozenset, dict)) else set(paths)
+        entries = self._entries
+        for gone in [p for p in entries if p not in keep]:
+            del entries[gone]
+            self._changed[gone] = None
 
     def save(self) -> None:
-        if self.path is None or not self._dirty:
+        if self.path is None or not self._changed:
             return
-        data = {"format": FORMAT, "root": self.root, "entries": self._entries}
-        atomic_write(self.path, json.dumps(data, separators=(",", ":")).encode("ascii"))
-        self._dirty = False
+        entries = self._entries
+        if self._lines and self._lines + len(self._changed) <= len(entries) * 5 // 4 + 64:
+            lines = [
+                _cache_line(rel, value) if value is not None else b"[%s,null]\n" % _encode_string(rel).encode("ascii")
+                for rel, value in self._changed.items()
+            ]
+            try:
+                with open(self.path, "ab") as handle:
+                    handle.write(b"".join(lines))
+                self._lines += len(lines)
+                self._changed.clear()
+                return
+            except OSError:
+                pass  # rewrite it whole instead
+        header = json.dumps({"format": CACHE_FORMAT, "root": self.root}).encode("ascii") + b"\n"
+        atomic_write(self.path, header + b"".join(_cache_line(rel, value) for rel, value in entries.items()))
+        self._lines = len(entries)
+        self._changed.clear()
+
+
+CACHE_FORMAT = 3
+
+
+def _cache_line(rel: str, value: list[int | str]) -> bytes:
+    size, mtime_ns, ino, ctime_ns, digest = value
+    return b'[%s,[%d,%d,%d,%d,"%s"]]\n' % (
+        _encode_string(rel).encode("ascii"), size, mtime_ns, ino, ctime_ns, str(digest).encode("ascii")
+    )
+
+
+def _json_or_none(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 @dataclass

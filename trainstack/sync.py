@@ -221,7 +221,6 @@ def _sync(
         return _finish(result, started, console, dry_run)
 
     current = pending.finish()
-    # The local bookkeeping runs while the node applies a small change (see _StreamPush).
     bookkeeping = _Bookkeeping(cache, state, pending)
     # Only an unchanged tree needs the node's answer here; a change waits for it in _StreamPush.
     if session is not None and last_digest == current.digest and session.digest() == last_digest:
@@ -233,7 +232,7 @@ def _sync(
     if not use_tar:
         pusher = _RsyncPush(target, conn, workdir, remote, console, bwlimit_kbps)
         stream = (
-            _StreamPush(conn, workdir, remote, bookkeeping.run, session) if mode == "auto" and not bwlimit_kbps
+            _StreamPush(conn, workdir, remote, session) if mode == "auto" and not bwlimit_kbps
             else None
         )
         try:
@@ -255,7 +254,7 @@ def _sync(
 
 class _Bookkeeping:
     """Saving the hash cache and the tree's stat key: local work that can run while the
-    node is busy (a thread, during a small change's one remote exchange) or after."""
+    node is busy (a thread, while a first sync's node swaps the tree in) or after."""
 
     def __init__(self, cache: HashCache, state: _LocalState, pending: PendingScan) -> None:
         self._work = (cache, state, pending)
@@ -764,13 +763,11 @@ class _StreamPush:
     """
 
     def __init__(
-        self, conn: "Connection", workdir: Path, remote: _RemoteLayout, meanwhile: Callable[[], None] | None = None,
-        session: _NodeSession | None = None,
+        self, conn: "Connection", workdir: Path, remote: _RemoteLayout, session: _NodeSession | None = None,
     ) -> None:
         self.conn = conn
         self.workdir = workdir
         self.remote = remote
-        self.meanwhile = meanwhile  # local work to do while the node applies the change
         self.session = session  # the sync's open remote shell, used once if still usable
 
     def push(self, plan: _Plan) -> RsyncOutcome | None:
@@ -819,19 +816,12 @@ class _StreamPush:
         )
 
     def _deliver(self, proc: "subprocess.Popen[bytes]", archive: bytes) -> bytes:
-        """Write the archive to the remote shell and wait for it; its stderr. `meanwhile`
-        runs in a thread during the wait (this thread mostly sleeps in poll())."""
-        helper = threading.Thread(target=self.meanwhile, daemon=True) if self.meanwhile is not None else None
-        if helper is not None:
-            helper.start()
+        """Write the archive to the remote shell and wait for it; its stderr."""
         try:
             _, err = proc.communicate(archive, timeout=REMOTE_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-        finally:
-            if helper is not None:
-                helper.join()
         return err or b""
 
     def _script(self, plan: _Plan, token: str) -> str:
