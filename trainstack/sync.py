@@ -6,11 +6,15 @@ is `manifest.diff` between the tree now and the manifest of the last sync. The
 machine holds a copy of that manifest beside the workdir (`Remote.SYNC_MANIFEST`);
 its digest proves the machine still holds what we last shipped.
 
-A no-op is one short read of the machine's manifest header over SFTP, made while
-the local tree is listed. A small change set (`_StreamPush`: a few files, none big
-enough for rsync's delta transfer to matter) is one tar stream into one remote shell
-that checks the manifest, deletes, renames the files into place and patches the
-manifest. A larger change is one remote invocation: rsync's remote command
+Every sync that has an earlier one to compare with opens one remote shell through the
+ControlMaster as it starts (`_NodeSession`), in a thread while the local tree is
+listed; it prints the machine's manifest header and waits. A no-op needs nothing
+else: the tree's stat key (`PendingScan.stat_key`, the (size, mtime, inode, ctime) of
+every shipped file) equals the one recorded with the last manifest built, and the
+machine's digest equals the last sync's. A small change set (`_StreamPush`: a few
+files, none big enough for rsync's delta transfer to matter) is one tar stream into
+that same shell, which checks the manifest, deletes, renames the files into place
+and patches the manifest. A larger change is one remote invocation: rsync's remote command
 is a small shell script (`_RSYNC_WRAPPER`) that, around the real `rsync --server`:
   1. refuses to start when the machine's manifest is not the one we expect (the
      machine was replaced, another checkout synced, a sync was interrupted) — we
