@@ -1026,14 +1026,14 @@ _TAR_MANIFEST_MEMBER = ".trainstack/sync-manifest"
 # An interrupted run leaves the old workdir as it was.
 _TAR_SCRIPT = r"""
 set -eu
-root={root}; w={workdir}; new="$root/{new}"; old="$root/{old}"; scratch={scratch}
+root={root}; w={workdir}; new="$root/{new}"; old="$root/{old}"; scratch={scratch}; fresh={fresh}
 {check}
 take() {{ if [ "$1" -gt 0 ]; then dd bs="$1" count=1 iflag=fullblock status=none of="$2"; else : > "$2"; fi; }}
 # An earlier swap interrupted between its two renames leaves only the old tree.
 if [ ! -e "$w" ] && [ -d "$old" ]; then mv "$old" "$w"; fi
-rm -rf "$new" "$old"
-mkdir -p "$new" "$w" "$scratch"
-s="$scratch/tar.$$"; mkdir "$s"
+if [ -e "$new" ] || [ -e "$old" ]; then rm -rf "$new" "$old"; fi
+s="$scratch/tar.$$"
+mkdir -p "$new" "$w" "$s"
 take {known_size} "$s/known"
 # -i: the manifest follows the files as a second archive, once its hashes are known.
 tar -x -i -p --no-same-owner -f - -C "$new"
@@ -1046,18 +1046,24 @@ for rel in {results}; do
     mv "$w/$rel" "$new/$rel"
   fi
 done
-(cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | LC_ALL=C sort -z > "$s/have"
-if [ {fresh} = 1 ] && [ -s "$s/have" ]; then
-  # A first sync owns nothing on the node yet: what it shipped is the new tree itself.
-  (cd "$new" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' > "$s/known"
+# Files sync does not own move over to the new tree; with none left (a first sync into
+# an empty workdir), shell builtins alone tell, and no list is made.
+left=0
+for f in "$w"/* "$w"/.[!.]* "$w"/..?*; do if [ -e "$f" ] || [ -L "$f" ]; then left=1; break; fi; done
+if [ $left = 1 ]; then
+  (cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | LC_ALL=C sort -z > "$s/have"
+  if [ "$fresh" = 1 ]; then
+    # A first sync owns nothing on the node yet: what it shipped is the new tree itself.
+    (cd "$new" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' > "$s/known"
+  fi
+  LC_ALL=C sort -z -u "$s/known" > "$s/known.sorted"
+  LC_ALL=C comm -z -23 "$s/have" "$s/known.sorted" | (cd "$w" && xargs -0 -r sh -c '
+    for p do mkdir -p "$0/$(dirname "$p")"; mv "$p" "$0/$p"; done' "$new")
 fi
-LC_ALL=C sort -z -u "$s/known" > "$s/known.sorted"
-LC_ALL=C comm -z -23 "$s/have" "$s/known.sorted" | (cd "$w" && xargs -0 -r sh -c '
-  for p do mkdir -p "$0/$(dirname "$p")"; mv "$p" "$0/$p"; done' "$new")
 mv "$w" "$old"
 mv "$new" "$w"
 mv -f "$s/manifest" {manifest}
-rm -f {partial} {incoming}
+if [ -e {partial} ] || [ -e {incoming} ]; then rm -f {partial} {incoming}; fi
 rm -rf "$old" "$s"
 """
 _TAR_CHECK_FRESH = (
