@@ -121,10 +121,12 @@ def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, fo
     with cluster.Nodes(target, notify=note) as nodes:
         sync_step = None
         if sync:
-            from trainstack.sync import sync as sync_project
+            from trainstack.sync import LocalTree, sync as sync_project
+
+            tree = LocalTree()  # listed and hashed once, shipped to every node
 
             def sync_step(node_target, conn):
-                return sync_project(node_target, conn, console=node_console(conn.node_index, len(nodes)))
+                return sync_project(node_target, conn, console=node_console(conn.node_index, len(nodes)), tree=tree)
 
         run = cluster.train(
             target, nodes, command=command, sync=sync_step, force=force, env=env or (), torchrun=torchrun,

@@ -441,3 +441,36 @@ def test_a_version_the_machine_lacks_is_left_to_uv(local_target, connection: Con
     assert "paramiko" in names  # asked for, and the machine's version satisfies it
     assert "invoke" in names  # asked for only on Python 2: as the machine has it
     assert "pathspec" not in names  # the machine's version is not 0.0.1: uv must install that one
+
+
+def test_nodes_of_one_command_share_one_listing_of_the_tree(
+    nodes: LocalTarget, project_dir: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncing N nodes lists, stats and hashes the local tree once (sync.LocalTree), and
+    every node still ends up with the whole tree, then with the same edit."""
+    from trainstack import sync as sync_module
+
+    (workdir / "pkg").mkdir()
+    for i in range(20):
+        (workdir / "pkg" / f"m{i}.py").write_text(f"# {i}\n")
+    listings: list[Path] = []
+    real_select = sync_module.select_files
+
+    def counting_select(root: Path, exclude: object = ()) -> object:
+        listings.append(Path(root))
+        return real_select(root, exclude=exclude)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sync_module, "select_files", counting_select)
+    target = resolve_target("local", workdir=str(workdir), project_dir=project_dir)
+    for edit in ("first", "second"):
+        (workdir / "pkg" / "m0.py").write_text(f"# {edit}\n")
+        listings.clear()
+        tree = sync_module.LocalTree()
+        with cluster.Nodes(target) as group:
+            results = group.each(lambda node_target, conn: sync(node_target, conn, tree=tree))
+        assert len(listings) == 1
+        assert all(not isinstance(r, Exception) and not r.noop for r in results.values()), results
+        for index in range(NODES):
+            remote = nodes.node_root(index) / contract.Remote.WORKDIR
+            assert (remote / "pkg" / "m0.py").read_text() == f"# {edit}\n"
+            assert sorted(p.name for p in (remote / "pkg").iterdir()) == sorted(f"m{i}.py" for i in range(20))

@@ -262,6 +262,7 @@ class HashCache:
         self._loaded: dict[str, list[int | str]] | None = None if path is not None else {}
         self._changed: dict[str, list[int | str] | None] = {}
         self._lines = 0  # entry lines in the file as loaded (0: no usable file)
+        self._saving = threading.Lock()
 
     @property
     def _entries(self) -> dict[str, list[int | str]]:
@@ -311,6 +312,10 @@ class HashCache:
             self._changed[gone] = None
 
     def save(self) -> None:
+        with self._saving:
+            self._save()
+
+    def _save(self) -> None:
         if self.path is None or not self._changed:
             return
         entries = self._entries
@@ -405,6 +410,7 @@ class PendingScan:
         self.stats = ScanStats()
         self._manifest: Manifest | None = None
         self._stat_key: str | None = None
+        self._finishing = threading.Lock()  # the nodes of one command share a scan (sync.LocalTree)
 
     def stat_key(self) -> str:
         """Identifies the tree by its paths and their (size, mtime, inode, ctime, mode): the
@@ -436,8 +442,12 @@ class PendingScan:
         return sum(st.st_size for _, _, st in self.found.values())
 
     def finish(self) -> Manifest:
-        if self._manifest is not None:
+        with self._finishing:
+            if self._manifest is None:
+                self._manifest = self._build()
             return self._manifest
+
+    def _build(self) -> Manifest:
         lookup = self.cache.lookup
         known = {rel: lookup(rel, st) for rel, (_, _, st) in self.found.items()}
         todo = [rel for rel, digest in known.items() if digest is None]
@@ -454,8 +464,7 @@ class PendingScan:
                 self.stats.hashed_bytes += st.st_size
             entries[rel] = Entry(kind, st.st_size, st.st_mtime_ns, mode, digest)
         self.cache.retain(entries)
-        self._manifest = Manifest(entries)
-        return self._manifest
+        return Manifest(entries)
 
     def _hash_all(self, todo: list[str]) -> list[tuple[str, str]]:
         def one(rel: str) -> tuple[str, str] | None:

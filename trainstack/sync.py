@@ -154,12 +154,14 @@ def sync(
     full: bool = False,
     transport: str | None = None,
     bwlimit_kbps: int | None = None,
+    tree: "LocalTree | None" = None,
 ) -> SyncResult:
     """Make the node's workdir hold the local workdir's shipped files.
 
     `full` ignores what the last sync shipped and lets rsync compare every file.
     `transport` forces "rsync" or "tar" (default: $TRAINSTACK_SYNC_TRANSPORT, else rsync
-    with tar as the fallback). `bwlimit_kbps` caps rsync's bandwidth.
+    with tar as the fallback). `bwlimit_kbps` caps rsync's bandwidth. `tree`: the local
+    scan shared by the nodes of one command (see `LocalTree`).
     """
     started = time.monotonic()
     workdir = target.require_workdir()
@@ -176,21 +178,38 @@ def sync(
     try:
         return _sync(
             target, conn, state, remote, session, last_digest, started, workdir, mode, dry_run, console, full,
-            bwlimit_kbps,
+            bwlimit_kbps, tree or LocalTree(),
         )
     finally:
         if session is not None:
             session.close()
 
 
+class LocalTree:
+    """The local side of a sync — the tree listed, stat'ed and, when needed, hashed —
+    done once for all the nodes one command ships the same project to (they sync in
+    threads of one process, which would otherwise each list and stat the whole tree)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scanned: tuple[HashCache, PendingScan] | None = None
+
+    def scan(self, target: "Target", state: "_LocalState") -> tuple[HashCache, PendingScan]:
+        with self._lock:
+            if self._scanned is None:
+                workdir = target.require_workdir()
+                selection = select_files(workdir, exclude=shipped_excludes(target))
+                cache = HashCache(state.hash_cache_path, workdir)
+                self._scanned = cache, start_scan(workdir, selection.paths, cache, selection.stats)
+            return self._scanned
+
+
 def _sync(
     target: "Target", conn: "Connection", state: "_LocalState", remote: "_RemoteLayout",
     session: "_NodeSession | None", last_digest: str | None, started: float, workdir: Path, mode: str,
-    dry_run: bool, console: "Console | None", full: bool, bwlimit_kbps: int | None,
+    dry_run: bool, console: "Console | None", full: bool, bwlimit_kbps: int | None, tree: LocalTree,
 ) -> SyncResult:
-    selection = select_files(workdir, exclude=shipped_excludes(target))
-    cache = HashCache(state.hash_cache_path, workdir)
-    pending = start_scan(workdir, selection.paths, cache, selection.stats)
+    cache, pending = tree.scan(target, state)
     result = SyncResult(files=len(pending.found), bytes_total=pending.total_bytes, dry_run=dry_run)
 
     local_rsync = shutil.which("rsync") is not None
