@@ -22,22 +22,25 @@ def _tree(root: Path, count: int) -> list[str]:
     return sorted(paths)
 
 
-def test_hash_cache_appends_what_changed_and_loads_the_latest(tmp_path: Path) -> None:
-    root = tmp_path / "tree"
-    paths = _tree(root, 40)
-    cache_file = tmp_path / "cache"
+def _scan_and_save(root: Path, paths: list[str], cache_file: Path) -> tuple[Manifest, int]:
+    """Scan with the cache stored at `cache_file` and save it: (manifest, files hashed)."""
     cache = HashCache(cache_file, root)
-    scan(root, paths, cache)
+    manifest, stats = scan(root, paths, cache)
     cache.save()
+    return manifest, stats.hashed_files
+
+
+def test_hash_cache_appends_what_changed_and_loads_the_latest(tmp_path: Path) -> None:
+    root, cache_file = tmp_path / "tree", tmp_path / "cache"
+    paths = _tree(root, 40)
+    _scan_and_save(root, paths, cache_file)
     lines_before = cache_file.read_bytes().count(b"\n")
     assert lines_before == 41  # header and one line per file
 
     (root / paths[3]).write_text("# changed\n")
     (root / paths[5]).unlink()
-    cache = HashCache(cache_file, root)
-    rescanned, stats = scan(root, [p for p in paths if p != paths[5]], cache)
-    cache.save()
-    assert stats.hashed_files == 1  # only the changed file was read
+    rescanned, hashed = _scan_and_save(root, [p for p in paths if p != paths[5]], cache_file)
+    assert hashed == 1  # only the changed file was read
     assert cache_file.read_bytes().count(b"\n") == lines_before + 2  # one new hash, one forgotten path
 
     fresh = HashCache(cache_file, root)
@@ -47,17 +50,12 @@ def test_hash_cache_appends_what_changed_and_loads_the_latest(tmp_path: Path) ->
 
 
 def test_hash_cache_compacts_and_survives_a_torn_append(tmp_path: Path) -> None:
-    root = tmp_path / "tree"
+    root, cache_file = tmp_path / "tree", tmp_path / "cache"
     paths = _tree(root, 400)
-    cache_file = tmp_path / "cache"
-    cache = HashCache(cache_file, root)
-    scan(root, paths, cache)
-    cache.save()
+    _scan_and_save(root, paths, cache_file)
     for rel in paths[:300]:  # most of the tree changes: the file is rewritten, not appended to
         (root / rel).write_text("# rewritten, longer than before\n")
-    cache = HashCache(cache_file, root)
-    scan(root, paths, cache)
-    cache.save()
+    _scan_and_save(root, paths, cache_file)
     assert cache_file.read_bytes().count(b"\n") == 401
 
     with open(cache_file, "ab") as handle:

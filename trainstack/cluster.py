@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
