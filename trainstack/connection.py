@@ -6,10 +6,11 @@ known_hosts file holding just that key). A node still booting refuses or drops
 connections for a while, so connecting retries with exponential backoff until
 `TRAINSTACK_SSH_RETRY_SECONDS` (default 60) have passed.
 
-Across task invocations, an OpenSSH ControlMaster per node (started by the first
-OpenSSH client, e.g. rsync, and kept for `TRAINSTACK_CONTROL_PERSIST` seconds) lets
-a later `run()` skip the SSH handshake: when its socket answers, commands go through
-it; otherwise through one paramiko connection reused for the whole task.
+Across task invocations, an OpenSSH ControlMaster per node (opened by `open_master`
+while the task does local work, or by the first OpenSSH client, and kept for
+`TRAINSTACK_CONTROL_PERSIST` seconds) lets a later `run()` skip the SSH handshake: when
+its socket answers, commands go through it; otherwise through one paramiko connection
+reused for the whole task.
 """
 
 from __future__ import annotations
@@ -482,11 +483,6 @@ class Connection:
         except subprocess.TimeoutExpired:
             opening.kill()
             opening.wait()
-
-    def start_master(self) -> None:
-        """Open a background ControlMaster unless one is alive, and wait until it is."""
-        self.open_master()
-        self.await_master()
 
     def stop_master(self) -> None:
         if self.control_persist <= 0 or not self.control_path().exists():
