@@ -413,41 +413,56 @@ def test_tar_is_used_when_rsync_is_not_installed_here(
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
-@pytest.fixture
-def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
-    """The same node through a second sshd whose sessions get a PATH without rsync."""
+def _second_sshd(local_sshd: LocalTarget, local_target: Target, tmp_path: Path, name: str, setenv: str):
+    """The same node through a second sshd whose sessions get the extra `setenv` (NAME=value)."""
     import dataclasses
 
     from trainstack.local import find_sshd, free_port
 
+    port = free_port()
+    lines = local_sshd.sshd_config(0).read_text().splitlines()
+    # sshd takes the first SetEnv line only: ours joins it when there is one.
+    if not any(line.startswith("SetEnv ") for line in lines):
+        lines.append("SetEnv")
+    pid_file = tmp_path / f"sshd-{name}.pid"
+    config = "\n".join(
+        f"Port {port}" if line.startswith("Port ")
+        else f"PidFile {pid_file}" if line.startswith("PidFile ")
+        else f"{line} {setenv}" if line.startswith("SetEnv")
+        else line
+        for line in lines
+    ) + "\n"
+    config_path = tmp_path / f"sshd_config.{name}"
+    config_path.write_text(config)
+    config_path.chmod(0o600)
+    subprocess.run([find_sshd(), "-f", str(config_path), "-E", str(tmp_path / f"sshd-{name}.log")], check=True)
+    try:
+        node = dataclasses.replace(local_target.outputs.nodes[0], port=port)
+        outputs = dataclasses.replace(local_target.outputs, nodes=(node,))
+        yield dataclasses.replace(local_target, outputs=outputs, state_dir=tmp_path / f"state-{name}")
+    finally:
+        os.kill(int(pid_file.read_text()), 15)
+
+
+@pytest.fixture
+def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose sessions get a PATH without rsync."""
     bindir = tmp_path / "node-bin"
     bindir.mkdir()
     for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
         for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
             if tool.name != "rsync" and not (bindir / tool.name).exists():
                 os.symlink(tool, bindir / tool.name)
-    port = free_port()
-    lines = local_sshd.sshd_config(0).read_text().splitlines()
-    # sshd takes the first SetEnv line only: PATH joins it when there is one.
-    if not any(line.startswith("SetEnv ") for line in lines):
-        lines.append("SetEnv")
-    config = "\n".join(
-        f"Port {port}" if line.startswith("Port ")
-        else f"PidFile {tmp_path / 'sshd2.pid'}" if line.startswith("PidFile ")
-        else f"{line} PATH={bindir}" if line.startswith("SetEnv")
-        else line
-        for line in lines
-    ) + "\n"
-    config_path = tmp_path / "sshd_config.norsync"
-    config_path.write_text(config)
-    config_path.chmod(0o600)
-    subprocess.run([find_sshd(), "-f", str(config_path), "-E", str(tmp_path / "sshd2.log")], check=True)
-    try:
-        node = dataclasses.replace(local_target.outputs.nodes[0], port=port)
-        outputs = dataclasses.replace(local_target.outputs, nodes=(node,))
-        yield dataclasses.replace(local_target, outputs=outputs, state_dir=tmp_path / "state-norsync")
-    finally:
-        os.kill(int((tmp_path / "sshd2.pid").read_text()), 15)
+    yield from _second_sshd(local_sshd, local_target, tmp_path, "norsync", f"PATH={bindir}")
+
+
+@pytest.fixture
+def node_with_a_chatty_shell(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose login shell (bash: BASH_ENV) prints a
+    greeting on stdout before every command, the last line without a newline."""
+    greeting = tmp_path / "greeting.sh"
+    greeting.write_text("echo 'Welcome to the node'\necho 'conda: (base) activated'\nprintf 'no newline here'\n")
+    yield from _second_sshd(local_sshd, local_target, tmp_path, "chatty", f"BASH_ENV={greeting}")
 
 
 def test_tar_is_used_when_rsync_is_missing_on_the_node(node_without_rsync: Target) -> None:
@@ -742,6 +757,61 @@ def test_a_noop_and_a_small_change_each_cost_one_remote_session(
     assert result.transport == "tar-stream" and result.transferred == 1 and result.deleted == 1
     assert spawned == ["ssh"]
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+@pytest.fixture
+def node_with_a_stuck_shell(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose login shell (bash: BASH_ENV) hangs for
+    8 s before every command while the file `stuck` exists beside it."""
+    flag = tmp_path / "stuck"
+    startup = tmp_path / "startup.sh"
+    startup.write_text(f"if [ -e {flag} ]; then sleep 8; fi\n")
+    target = yield from _second_sshd(local_sshd, local_target, tmp_path, "stuck", f"BASH_ENV={startup}")
+    return target
+
+
+def test_a_node_whose_shell_never_answers_fails_the_sync_in_bounded_time(
+    node_with_a_stuck_shell: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainstack import sync as sync_module
+
+    target = node_with_a_stuck_shell
+    write(target.require_workdir(), "a.py", "a")
+    with Connection(target, connect_timeout=2) as conn:
+        shown = subprocess.run([*conn.ssh_argv(), conn.destination, "echo $BASH_VERSION"], capture_output=True, timeout=30)
+        if not shown.stdout.strip():
+            pytest.skip("the login shell is not bash: BASH_ENV cannot make it hang")
+        assert sync(target, conn).transport == "tar"
+        (tmp_path / "stuck").touch()
+        monkeypatch.setattr(sync_module, "SESSION_ANSWER_SECONDS", 1.0)
+        started = time.monotonic()
+        with pytest.raises(TrainstackError, match="did not answer within 3 s"):
+            sync(target, conn)
+        assert time.monotonic() - started < 7  # given up, not waited out
+        (tmp_path / "stuck").unlink()
+        assert sync(target, conn).noop  # nothing was changed by the abandoned attempt
+        conn.stop_master()
+
+
+def test_a_login_shell_that_prints_a_greeting_does_not_confuse_the_session(node_with_a_chatty_shell: Target) -> None:
+    """The session's answer follows a marker of its own, so whatever the login shell prints
+    first is skipped: no-ops and small changes work as on a quiet node."""
+    target = node_with_a_chatty_shell
+    workdir = target.require_workdir()
+    write(workdir, "a.py", "a1")
+    write(workdir, "b.py", "b1")
+    with Connection(target) as conn:
+        shown = subprocess.run([*conn.ssh_argv(), conn.destination, "true"], capture_output=True, timeout=30)
+        if b"Welcome to the node" not in shown.stdout:
+            pytest.skip("the login shell is not bash: BASH_ENV cannot make it chatty")
+        assert sync(target, conn).transport == "tar"
+        assert sync(target, conn).noop
+        write(workdir, "a.py", "a2")
+        result = sync(target, conn)
+        assert result.transport == "tar-stream" and result.changes == ["~ a.py"]
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        assert sync(target, conn).noop
+        conn.stop_master()
 
 
 def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(

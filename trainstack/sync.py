@@ -422,6 +422,8 @@ _SESSION_SCRIPT = (
     "eval \"$script\""
 )
 _SESSION_MARKER = "trainstack-session"
+#: How long a connected node's shell may take to print its manifest header.
+SESSION_ANSWER_SECONDS = 30.0
 
 
 class _NodeSession:
@@ -441,13 +443,15 @@ class _NodeSession:
 
     def _open(self, remote: _RemoteLayout) -> None:
         try:
-            script = _SESSION_SCRIPT.format(manifest=shlex.quote(remote.manifest), marker=_SESSION_MARKER)
+            # Unique per session: a line that merely ends with it cannot come from the login shell.
+            marker = f"{_SESSION_MARKER}-{os.urandom(8).hex()}"
+            script = _SESSION_SCRIPT.format(manifest=shlex.quote(remote.manifest), marker=marker)
             argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
             self._proc = proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
             assert proc.stdout is not None
-            marker = _SESSION_MARKER.encode()
+            expected = marker.encode()
             while True:
                 line = proc.stdout.readline()
                 if not line:  # the session ended before answering
@@ -460,15 +464,29 @@ class _NodeSession:
                     raise SyncError(
                         f"cannot read the sync manifest on {self.conn.describe()}: {last_line(stderr) or 'no answer'}"
                     )
-                if line.rstrip(b"\n") == marker:
+                if line.rstrip(b"\n").endswith(expected):  # output without a final newline may precede it
                     break
             self._digest = header_digest(proc.stdout.readline().rstrip(b"\n"))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller in digest()
             self._error = exc
 
+    def _settle(self) -> None:
+        """Wait for the answer, a bounded time: a node whose shell never answers is given up."""
+        limit = self.conn.connect_timeout + SESSION_ANSWER_SECONDS
+        self._thread.join(limit)
+        if self._thread.is_alive():
+            self._spent = True
+            if self._proc is not None:
+                self._proc.kill()
+            self._thread.join()
+            self._error = SyncError(
+                f"{self.conn.describe()} did not answer within {limit:.0f} s: check the machine "
+                "(`invoke status`) and run sync again"
+            )
+
     def digest(self) -> str | None:
         """The digest of the node's complete manifest, or None (missing, in progress, damaged)."""
-        self._thread.join()
+        self._settle()
         if self._error is not None:
             raise self._error
         return self._digest
@@ -476,7 +494,7 @@ class _NodeSession:
     @property
     def usable(self) -> bool:
         """Open, answered, and not yet used for a script."""
-        self._thread.join()
+        self._settle()
         return self._error is None and not self._spent and self._proc is not None and self._proc.poll() is None
 
     def run(
@@ -492,9 +510,17 @@ class _NodeSession:
 
     def close(self) -> None:
         """End the session (the node's shell sees EOF and exits)."""
-        self._thread.join()
+        self._settle()
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:  # ended (and reaped): only its pipes are left
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None and not stream.closed:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
             return
         self._spent = True
         try:
