@@ -16,6 +16,7 @@ reused for the whole task.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import select
@@ -563,15 +564,13 @@ _AES_FIRST = ",".join((
     "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
     "aes128-ctr", "aes192-ctr", "aes256-ctr",
 ))
-_cipher_choice: list[str | None] = []
 
 
+@functools.lru_cache(maxsize=None)
 def preferred_ciphers() -> str | None:
     """The `Ciphers` list for OpenSSH clients, or None for OpenSSH's own order (a CPU
     that reports no AES instructions)."""
-    if not _cipher_choice:
-        _cipher_choice.append(_AES_FIRST if _cpu_has_aes() else None)
-    return _cipher_choice[0]
+    return _AES_FIRST if _cpu_has_aes() else None
 
 
 def _cpu_has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -260,7 +260,8 @@ def _sync(
         )
         try:
             _push_with_retries(
-                pusher, conn, current, last, state, result, dry_run, node_changed=node_changed, stream=stream
+                pusher, conn, current, last, state, result, dry_run, node_changed=node_changed, stream=stream,
+                session=session,
             )
         except _RsyncMissing:
             if mode == TRANSPORT_RSYNC:
@@ -960,9 +961,12 @@ def _push_with_retries(
     *,
     node_changed: bool = False,
     stream: "_StreamPush | None" = None,
+    session: "_NodeSession | None" = None,
 ) -> None:
     """Ship the changes since `last`; when the node turns out not to hold `last` (or
     the link broke mid-way), learn what it holds and ship the full list against that.
+    A dry run asks `session` (the sync's open remote shell), when there is one, which
+    manifest the node holds.
 
     A small change set against a node that holds `last` goes through `stream` (one
     remote shell, no rsync) when it fits; everything else through rsync."""
@@ -988,7 +992,8 @@ def _push_with_retries(
     if dry_run:
         # A dry run changes nothing, so confirm up front instead of inside the wrapper.
         expected = base.digest if base is not None else None
-        if expected is None or _read_remote_header(conn, pusher.remote) != expected:
+        held = session.digest() if session is not None else _read_remote_header(conn, pusher.remote)
+        if expected is None or held != expected:
             base = learn_node()
             full_list = True
         send, delete, _, _ = _plan(current, base, known_paths, full_list)
