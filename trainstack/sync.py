@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import select
 import shlex
 import shutil
 import subprocess
@@ -451,39 +452,48 @@ class _NodeSession:
             self._proc = proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
-            assert proc.stdout is not None
-            expected = marker.encode()
-            while True:
-                line = proc.stdout.readline()
-                if not line:  # the session ended before answering
-                    self._spent = True
-                    proc.stdin.close()  # type: ignore[union-attr]
-                    _, err = proc.communicate(timeout=REMOTE_TIMEOUT)
-                    stderr = err.decode("utf-8", "replace")
-                    if proc.returncode == 255:
-                        raise_ssh_failure(self.conn, stderr)
-                    raise SyncError(
-                        f"cannot read the sync manifest on {self.conn.describe()}: {last_line(stderr) or 'no answer'}"
-                    )
-                if line.rstrip(b"\n").endswith(expected):  # output without a final newline may precede it
-                    break
-            self._digest = header_digest(proc.stdout.readline().rstrip(b"\n"))
+            self._digest = header_digest(self._answer(proc, marker.encode()))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller in digest()
             self._error = exc
 
-    def _settle(self) -> None:
-        """Wait for the answer, a bounded time: a node whose shell never answers is given up."""
+    def _answer(self, proc: "subprocess.Popen[bytes]", marker: bytes) -> bytes:
+        """The line after the marker, read within the time a node's shell is given to answer."""
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
         limit = self.conn.connect_timeout + SESSION_ANSWER_SECONDS
-        self._thread.join(limit)
-        if self._thread.is_alive():
-            self._spent = True
-            if self._proc is not None:
-                self._proc.kill()
-            self._thread.join()
-            self._error = SyncError(
-                f"{self.conn.describe()} did not answer within {limit:.0f} s: check the machine "
-                "(`invoke status`) and run sync again"
-            )
+        deadline = time.monotonic() + limit
+        pending, seen = b"", False
+        while True:
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                if seen:
+                    return line
+                seen = line.endswith(marker)  # output without a final newline may precede it
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                # Through a ControlMaster the master holds our pipes: killing the client is
+                # all it takes to stop waiting; nothing is read after it.
+                self._spent = True
+                proc.kill()
+                self._end(proc, read_stderr=False)
+                raise SyncError(
+                    f"{self.conn.describe()} did not answer within {limit:.0f} s: check the machine "
+                    "(`invoke status`) and run sync again"
+                )
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the session ended before answering
+                self._spent = True
+                stderr = self._end(proc).decode("utf-8", "replace")
+                if proc.returncode == 255:
+                    raise_ssh_failure(self.conn, stderr)
+                raise SyncError(
+                    f"cannot read the sync manifest on {self.conn.describe()}: {last_line(stderr) or 'no answer'}"
+                )
+            pending += chunk
+
+    def _settle(self) -> None:
+        """Wait for the answer (the thread gives up on a node that never answers)."""
+        self._thread.join()
 
     def digest(self) -> str | None:
         """The digest of the node's complete manifest, or None (missing, in progress, damaged)."""
@@ -513,22 +523,33 @@ class _NodeSession:
         """End the session (the node's shell sees EOF and exits)."""
         self._settle()
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is not None:  # ended (and reaped): only its pipes are left
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None and not stream.closed:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
-            return
-        self._spent = True
+        if proc is not None:
+            self._spent = True
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: "subprocess.Popen[bytes]", read_stderr: bool = True) -> bytes:
+        """Close the session's stdin, wait for it to end, close its pipes; its stderr.
+        (Not communicate(): a run through `deliver` may already have used it.)"""
+        err = b""
         try:
-            proc.communicate(timeout=REMOTE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+            if proc.stdin is not None and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass  # the reader is gone already
+            if read_stderr and proc.returncode is None and proc.stderr is not None and not proc.stderr.closed:
+                err = proc.stderr.read()  # the node's shell exits at EOF; its stderr ends with it
+            try:
+                proc.wait(timeout=REMOTE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None and not stream.closed:
+                    stream.close()
+        return err
 
 
 def _read_remote_base(conn: "Connection", remote: _RemoteLayout) -> tuple[Manifest | None, set[str]]:
