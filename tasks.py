@@ -334,7 +334,8 @@ def down(c, stack=None, force=False, fetch=False):
     def fetch_results(target):
         from trainstack.cluster import fetch_nodes
 
-        fetch_nodes(target, None, console=_console(), notify=note)
+        # Every node's results: a multi-node run's parts land side by side, node-K/.
+        fetch_nodes(target, None, all_nodes=target.node_count > 1, console=_console(), notify=note)
 
     down_experiment(name, project, engine=AutomationEngine(), notify=note, force=bool(force),
                     fetch=bool(fetch), fetcher=fetch_results)

@@ -312,6 +312,33 @@ def test_fetch_brings_back_the_head_by_default_and_every_node_on_request(
     assert "0 of" in again.stderr  # already here: nothing transferred
 
 
+def test_down_checks_every_node_and_fetch_brings_every_nodes_results_back(
+    nodes: LocalTarget, project_dir: Path, workdir: Path
+) -> None:
+    """Results that only node 2 holds keep `down` from destroying the machines, even once
+    the head's were fetched; `down --fetch` brings every node's back first."""
+    proc = _train(project_dir, workdir, "--command", "python job.py", "--follow")
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.splitlines()[0]
+    (nodes.node_root(2) / contract.Remote.WORKDIR / "results" / "only-on-2.txt").write_text("rank 2's own\n")
+    assert invoke(project_dir, "fetch", "-s", "local").returncode == 0  # the head's results only
+
+    refused = invoke(project_dir, "down", "-s", "local")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    # Nodes 1 and 2 each hold env.json, node 2 also a file of its own: 3 files never fetched.
+    assert "3 result file(s)" in refused.stderr and "never fetched" in refused.stderr
+    assert "node 1: results/env.json" in refused.stderr and "node 2: results/only-on-2.txt" in refused.stderr
+    assert all(nodes.sshd_pid(index) is not None for index in range(NODES))  # nothing was destroyed
+
+    done = invoke(project_dir, "down", "-s", "local", "--fetch")
+    assert done.returncode == 0, done.stderr
+    runs_root = project_dir / "runs" / "local" / run_id
+    assert (runs_root / "node-2" / "results" / "only-on-2.txt").read_text() == "rank 2's own\n"
+    for rank in range(NODES):
+        assert json.loads((runs_root / f"node-{rank}" / "results" / "env.json").read_text())["TRAINSTACK_NODE_RANK"] == str(rank)
+    assert all(nodes.sshd_pid(index) is None for index in range(NODES))
+
+
 def test_bad_node_options_are_one_line_errors(nodes: LocalTarget, project_dir: Path, workdir: Path) -> None:
     for args, message in (
         (["logs", "--node", "3"], "stack 'local' has 3 node(s); node 3 does not exist"),

@@ -170,8 +170,7 @@ def fetch(
     keep_out = set(conflicts) | set(edited)
     record.remember(
         record_key, destination, {rel: info for rel, info in listing.items() if rel not in keep_out},
-        # What `invoke down` asks about is the head node's results.
-        exact=set(listing) - keep_out - set(result.still_changing) if conn.node_index == 0 else set(),
+        exact=set(listing) - keep_out - set(result.still_changing), node=conn.node_index,
     )
     record.save()
 
@@ -193,7 +192,16 @@ def unfetched_results(target: "Target", conn: "Connection") -> list[str]:
     version (paths relative to the workdir). Empty when everything was fetched."""
     _, listing = survey(target, conn, None, with_run=False)
     fetched = _Record.load(Path(target.state_dir) / RECORD_FILE).results
-    return sorted(rel for rel, info in listing.items() if fetched.get(rel) != [info.size, info.mtime_ns])
+    return sorted(
+        rel for rel, info in listing.items()
+        if fetched.get(_result_key(conn.node_index, rel)) != [info.size, info.mtime_ns]
+    )
+
+
+def _result_key(node: int, rel: str) -> str:
+    """A results path in the fetch record: the head's as is, other nodes' (whose results dirs
+    hold files of the same names) under their rank."""
+    return rel if node == 0 else f"node-{node}:{rel}"
 
 
 # --- the node's side ------------------------------------------------------------------------
@@ -567,7 +575,8 @@ class _Record:
     path: Path
     #: run id -> {"destination": str, "fetched_at": iso, "files": {rel: {"remote": [size, mtime_ns], "local": [...]}}}
     runs: dict[str, dict] = field(default_factory=dict)
-    #: results path (relative to the workdir) -> [size, mtime_ns] of the last version fetched
+    #: results path (relative to the workdir; `node-K:path` for node K > 0) -> [size, mtime_ns]
+    #: of the last version fetched
     results: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
@@ -584,9 +593,9 @@ class _Record:
         return dict((self.runs.get(run_id) or {}).get("files") or {})
 
     def remember(
-        self, run_id: str, destination: Path, present: dict[str, RemoteFile], exact: set[str]
+        self, run_id: str, destination: Path, present: dict[str, RemoteFile], exact: set[str], node: int = 0
     ) -> None:
-        """Record the local files of `present` as fetched from the node's version
+        """Record the local files of `present` as fetched from node `node`'s version
         `present[rel]`; those in `exact` also count as fetched results."""
         files = self.run_files(run_id)
         for rel, info in present.items():
@@ -596,7 +605,7 @@ class _Record:
                 continue
             files[rel] = {"remote": [info.size, info.mtime_ns], "local": _local_key(st)}
             if rel != LOG_NAME and rel in exact:
-                self.results[rel] = [info.size, info.mtime_ns]
+                self.results[_result_key(node, rel)] = [info.size, info.mtime_ns]
         self.runs[run_id] = {
             "destination": str(destination),
             "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

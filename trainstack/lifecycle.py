@@ -286,22 +286,18 @@ def down_experiment(
     target = _target_if_up(stack, project_dir)
     fetched = False
     if target is not None and not force:
-        from trainstack.connection import Connection
-
         check = unfetched or unfetched_results
         try:
-            with Connection(target, retry_seconds=0, connect_timeout=connect_timeout) as conn:
-                _refuse_active_runs(conn, stack)
-                missing = check(conn, target)
-                if missing and fetch:
-                    if fetcher is None:
-                        raise UsageError("--fetch is not available here: fetch with `invoke fetch` first")
-                    notify(f"fetching {len(missing)} result file(s) before destroying '{stack}'")
-                    fetcher(target)
-                    fetched = True
-                    missing = check(conn, target)
-                if missing:
-                    raise DestroyRefused(_unfetched_message(stack, missing, fetched))
+            missing = _check_nodes(target, stack, check, connect_timeout)
+            if missing and fetch:
+                if fetcher is None:
+                    raise UsageError("--fetch is not available here: fetch with `invoke fetch` first")
+                notify(f"fetching {len(missing)} result file(s) before destroying '{stack}'")
+                fetcher(target)
+                fetched = True
+                missing = _check_nodes(target, stack, check, connect_timeout)
+            if missing:
+                raise DestroyRefused(_unfetched_message(stack, missing, fetched))
         except (DestroyRefused, UsageError):
             raise
         except TrainstackError as exc:
@@ -332,15 +328,30 @@ def _target_if_up(stack: str, project_dir: Path) -> Target | None:
         return cached_target(stack, project_dir, read_stack_config(stack, project_dir))
 
 
-def _refuse_active_runs(conn: Any, stack: str) -> None:
+def _check_nodes(target: Target, stack: str, check: "UnfetchedCheck", connect_timeout: float) -> list[str]:
+    """Every node, on the node itself: refuses while a run is active; the result files no
+    fetch brought back (node K's as `node K: path`)."""
+    from trainstack.connection import Connection
+
+    missing: list[str] = []
+    for index in range(target.node_count):
+        node_target = target.for_node(index)
+        with Connection(node_target, index, retry_seconds=0, connect_timeout=connect_timeout) as conn:
+            _refuse_active_runs(conn, stack, "" if target.node_count == 1 else f" (node {index})")
+            label = "" if index == 0 else f"node {index}: "
+            missing += [label + rel for rel in check(conn, node_target)]
+    return missing
+
+
+def _refuse_active_runs(conn: Any, stack: str, where: str = "") -> None:
     from trainstack.autostop import snapshot
 
     node = snapshot(conn)
     if node.active_runs:
         runs = ", ".join(node.active_runs)
         raise DestroyRefused(
-            f"run {runs} is still running on stack '{stack}': wait for it (`invoke logs --follow`), "
-            f"stop it (`invoke stop`), or pass --force to destroy the machine anyway"
+            f"run {runs} is still running on stack '{stack}'{where}: wait for it (`invoke logs --follow`), "
+            f"stop it (`invoke stop`), or pass --force to destroy the machines anyway"
         )
 
 
