@@ -64,6 +64,7 @@ class Manifest:
         self._entries: dict[str, Entry] | None = entries if entries is not None else {}
         self._digest: str | None = None
         self._lines: list[bytes] | None = None
+        self._header: bytes | None = None
 
     @property
     def entries(self) -> dict[str, Entry]:
@@ -105,9 +106,13 @@ class Manifest:
         return len(self._lines) if self._entries is None and self._lines is not None else len(self.entries)
 
     def header_line(self) -> bytes:
-        body = hashlib.sha256(b"".join(self.body_lines())).hexdigest()
-        header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes, "body": body}
-        return json.dumps(header).encode("ascii") + b"\n"
+        # Cached like the digest and the lines it is made of: a sync writes it twice (the
+        # node's patch and the local record), and it hashes the whole body.
+        if self._header is None:
+            body = hashlib.sha256(b"".join(self.body_lines())).hexdigest()
+            header = {"format": FORMAT, "digest": self.digest, "files": len(self), "bytes": self.total_bytes, "body": body}
+            self._header = json.dumps(header).encode("ascii") + b"\n"
+        return self._header
 
     def body_lines(self) -> list[bytes]:
         """One line per entry, in byte order (the order `LC_ALL=C sort` gives on the node)."""
