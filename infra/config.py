@@ -258,10 +258,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(MAX_HOURS, f"must be a positive number of hours, or empty for no limit (got {cfg.max_hours})")
     if not cfg.workdir.strip():
         raise ConfigError(WORKDIR, "must name the local directory to sync, like '.'")
-    for entry in cfg.results:
-        parts = entry.strip("/").split("/")
-        if not entry.strip() or entry.startswith("/") or ".." in parts or entry.startswith("~"):
-            raise ConfigError(RESULTS, f"entries must be paths inside the workdir, like 'results' (got {entry!r})")
+    try:
+        contract.results_dirs(list(cfg.results))
+    except contract.ResultsError as exc:
+        raise ConfigError(RESULTS, str(exc)) from None
     if cfg.on_idle not in ON_IDLE_CHOICES:
         raise ConfigError(ON_IDLE, f"must be one of {', '.join(ON_IDLE_CHOICES)} (got {cfg.on_idle!r})")
     if cfg.launcher not in LAUNCHER_CHOICES:

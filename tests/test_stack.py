@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -100,6 +101,41 @@ def test_workdir_and_config_from_the_stack_file(
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is not a directory"):
         resolve_target("exp1", str(tmp_path / "file"), project_dir)
+
+
+@pytest.mark.parametrize(
+    "results, message",
+    [
+        ('["/"]', "'/' is not relative to the workdir"),
+        ('["."]', "'.' is the workdir itself"),
+        ('["./"]', "'./' is the workdir itself"),
+        ('["-rf"]', "'-rf' starts with '-'"),
+        ('["../elsewhere"]', "'../elsewhere' leaves the workdir"),
+        ("5", "must be a list of paths inside the workdir"),
+    ],
+)
+def test_bad_results_dirs_are_refused_for_every_reader(
+    fake_pulumi: Path, local_sshd, project_dir: Path, results: str, message: str
+) -> None:
+    _write_outputs(fake_pulumi, local_sshd.up())
+    (project_dir / "Pulumi.exp1.yaml").write_text(f"config:\n  trainstack:results: {results}\n")
+    with pytest.raises(UsageError, match=f"trainstack:results .*{re.escape(message)}"):
+        resolve_target("exp1", project_dir=project_dir)
+
+
+def test_results_dirs_are_normalised(fake_pulumi: Path, local_sshd, project_dir: Path) -> None:
+    _write_outputs(fake_pulumi, local_sshd.up())
+    (project_dir / "Pulumi.exp1.yaml").write_text("config:\n  trainstack:results: [./out/, out/sub, ckpt, ckpt]\n")
+    assert resolve_target("exp1", project_dir=project_dir).results == ("out", "ckpt")
+
+
+def test_a_workdir_inside_the_private_state_is_refused(fake_pulumi: Path, local_sshd, project_dir: Path) -> None:
+    _write_outputs(fake_pulumi, local_sshd.up())
+    inside = project_dir / ".trainstack" / "stacks"
+    inside.mkdir(parents=True)
+    for given in (inside, project_dir / ".trainstack"):
+        with pytest.raises(UsageError, match="trainstack's private state"):
+            resolve_target("exp1", str(given), project_dir)
 
 
 def test_invalid_stack_file_is_a_usage_error(project_dir: Path) -> None:

@@ -10,6 +10,7 @@ pins every name.
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -137,6 +138,59 @@ DEFAULT_SSH_USER = "ubuntu"
 DEFAULT_REMOTE_ROOT = "/home/ubuntu/trainstack"
 DEFAULT_RESULTS = ("results", "checkpoints")
 SSH_PORT = 22
+
+
+class ResultsError(ValueError):
+    """A results dir that is not a plain path inside the workdir (the message says which and why)."""
+
+
+def results_dirs(value: Any) -> tuple[str, ...]:
+    """The results dirs (`trainstack:results`) as every reader must see them: relative
+    paths inside the workdir, normalised (`./a/` is `a`), duplicates and dirs inside another
+    one dropped. The one check for infra, sync, fetch and down: a dir that is the workdir
+    itself (`.`, `/`), outside it (`..`, `/abs`, `~`), or that a program could read as an
+    option (`-rf`) would make sync move or delete the wrong files.
+
+    `value`: a list of strings, or one comma-separated string. Raises ResultsError.
+    """
+    if isinstance(value, str):
+        raw = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        raw = list(value)
+    else:
+        raise ResultsError(
+            f"must be a list of paths inside the workdir, like [results, checkpoints] (got {value!r})"
+        )
+    clean: list[str] = []
+    for entry in raw:
+        if not isinstance(entry, str):
+            raise ResultsError(f"entries must be paths inside the workdir, like 'results' (got {entry!r})")
+        path = entry.strip()
+        problem = _results_problem(path)
+        if problem:
+            raise ResultsError(f"{entry!r} {problem}: use a path inside the workdir, like 'results'")
+        clean.append(posixpath.normpath(path))
+    kept = [p for p in clean if not any(p != q and p.startswith(q + "/") for q in clean)]
+    return tuple(dict.fromkeys(kept))
+
+
+def _results_problem(path: str) -> str:
+    if not path:
+        return "is empty"
+    if any(ch in path for ch in ("\0", "\n", "\r", "\\")):
+        return "holds a control character or a backslash"
+    if path.startswith(("/", "~")):
+        return "is not relative to the workdir"
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if not parts:
+        return "is the workdir itself"
+    if ".." in parts:
+        return "leaves the workdir"
+    if any(part.startswith("-") for part in parts):
+        return "starts with '-'"
+    if parts[0] in (".git", ".trainstack"):
+        return "is trainstack's or git's own directory"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def resolve_target(
             outputs, source = fetch_pulumi_outputs(stack_name, project), "pulumi"
             write_outputs_cache(state_dir, outputs)
 
-    results = _config_list(config.get(f"{contract.CONFIG_NAMESPACE}:results")) or outputs.results
+    results = _results(config, outputs)
     command = config.get(f"{contract.CONFIG_NAMESPACE}:command")
     return Target(
         stack=stack_name,
@@ -268,7 +268,15 @@ def resolve_workdir(
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise UsageError(f"workdir {path} ({origin}) {what}: point it at your training project")
-    return path.resolve()
+    resolved = path.resolve()
+    private = state_root(project_dir.resolve())
+    if resolved == private or private in resolved.parents:
+        # Everything under .trainstack/ is local state: private keys, known_hosts, records.
+        raise UsageError(
+            f"workdir {path} ({origin}) is inside {private}, trainstack's private state (keys): "
+            "point it at your training project"
+        )
+    return resolved
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -363,12 +371,17 @@ def _short_name(stack: str) -> str:
     return stack.rsplit("/", 1)[-1]
 
 
-def _config_list(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, (list, tuple)):
-        return [str(part) for part in value if str(part).strip()]
-    return []
+def _results(config: Mapping[str, Any], outputs: contract.StackOutputs) -> tuple[str, ...]:
+    """The results dirs: the stack file's, else the outputs' — checked by the one rule
+    every reader shares (`contract.results_dirs`)."""
+    key = f"{contract.CONFIG_NAMESPACE}:results"
+    value = config.get(key)
+    try:
+        if value is not None and value != "" and value != []:
+            return contract.results_dirs(value)
+        return contract.results_dirs(list(outputs.results))
+    except contract.ResultsError as exc:
+        raise UsageError(f"{key} {exc} (in Pulumi.{outputs.stack}.yaml or the stack's outputs)") from None
 
 
 def _with_newline(text: str) -> str:
