@@ -270,17 +270,24 @@ def test_broken_requirements_fail_with_a_clear_error(connection: Connection, loc
 
 
 def test_train_refuses_before_changing_anything(connection: Connection, local_target) -> None:
+    from trainstack import cluster
+
     synced: list[str] = []
-    with pytest.raises(UsageError, match="no command"):
-        runs.train(local_target, connection, command="  ", sync=lambda t, c: synced.append("sync"))
-    first = runs.start_run(connection, "sleep 30")
-    try:
-        with pytest.raises(RunActive):
-            runs.train(local_target, connection, command="echo hi", sync=lambda t, c: synced.append("sync"))
-    finally:
-        runs.stop_run(connection, first.run_id, grace=5)
-    assert synced == []
-    run = runs.train(local_target, connection, command="echo hi", sync=lambda t, c: synced.append("sync"), env=["A=1"])
+
+    def sync(target, conn) -> None:
+        synced.append("sync")
+
+    with cluster.Nodes(local_target) as group:
+        with pytest.raises(UsageError, match="no command"):
+            cluster.train(local_target, group, command="  ", sync=sync)
+        first = runs.start_run(connection, "sleep 30")
+        try:
+            with pytest.raises(RunActive):
+                cluster.train(local_target, group, command="echo hi", sync=sync)
+        finally:
+            runs.stop_run(connection, first.run_id, grace=5)
+        assert synced == []
+        run = cluster.train(local_target, group, command="echo hi", sync=sync, env=["A=1"])
     assert synced == ["sync"]
     assert _follow(connection, run.run_id) == (0, b"hi\n")
 
@@ -288,6 +295,9 @@ def test_train_refuses_before_changing_anything(connection: Connection, local_ta
 def test_train_uses_the_configured_command(connection: Connection, local_target) -> None:
     import dataclasses
 
+    from trainstack import cluster
+
     target = dataclasses.replace(local_target, command="echo from the stack file")
-    run = runs.train(target, connection, sync=None)
+    with cluster.Nodes(target) as group:
+        run = cluster.train(target, group, sync=None)
     assert _follow(connection, run.run_id) == (0, b"from the stack file\n")

@@ -8,6 +8,7 @@ The machine's watchdog (`bootstrap/bin/trainstack-watchdog`) records its last de
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -132,28 +133,16 @@ def probe_command(remote_root: str) -> str:
     """A POSIX shell command printing `key=value` lines: the node's clock and uptime, its
     active runs, and the watchdog's state file on one line."""
     root = shlex.quote(remote_root)
-    runs = shlex.quote(contract.Remote.RUNS)
-    pid = shlex.quote(contract.Remote.RUN_PID)
-    exit_code = shlex.quote(contract.Remote.RUN_EXIT_CODE)
+    runner = shlex.quote(posixpath.join(remote_root, contract.Remote.RUNNER))
     state = shlex.quote(contract.Remote.WATCHDOG_STATE)
-    # A run is active while its process lives; a zombie has exited, and a pid file older
-    # than the boot names a process the reboot ended (the same rules as the watchdog's).
-    # runs/current links to the latest run and is skipped.
+    # Which runs are active is the runner's answer, the one rule the watchdog asks too. A runner
+    # installed before `active` existed gives the same answer as its runs in state "running".
     return (
         f"root={root}; "
         'printf "now=%s\\n" "$(date +%s)"; '
         'read -r up _ < /proc/uptime && printf "uptime=%s\\n" "$up"; '
-        "btime=$(sed -n 's/^btime //p' /proc/stat); "
-        f'for d in "$root"/{runs}/*/; do '
-        '[ ! -L "${d%/}" ] || continue; '
-        f'[ -f "$d"{pid} ] && [ ! -e "$d"{exit_code} ] || continue; '
-        f'p=$(cat "$d"{pid} 2>/dev/null); '
-        'case $p in ""|*[!0-9]*) continue;; esac; '
-        f'[ "$(stat -c %Y "$d"{pid})" -ge "${{btime:-0}}" ] || continue; '
-        "s=$(sed 's/.*) //' \"/proc/$p/stat\" 2>/dev/null | cut -c1); "
-        '[ -n "$s" ] && [ "$s" != Z ] || continue; '
-        'printf "run=%s\\n" "$(basename "$d")"; '
-        "done; "
+        f"{{ {runner} active 2>/dev/null || {runner} list 2>/dev/null | "
+        """awk -F '\\t' '$2 == "running" {print $1}'; } | sed 's/^/run=/'; """
         f'if [ -f "$root"/{state} ]; then printf "watchdog="; tr -d "\\n" < "$root"/{state}; echo; fi'
     )
 

@@ -336,7 +336,7 @@ def train(
             f"[ -x {python} ] && echo venv && cat {q(node_target.remote_path(venv, deps.RECORD))} 2>/dev/null; exit $rc"
         )
         result = conn.run(script, check=False)
-        if result.exit_code == 127 and "trainstack-run" in result.stderr:
+        if result.exit_code == contract.RunnerExit.NOT_INSTALLED and "trainstack-run" in result.stderr:
             runner_call(conn, ["list"])  # raises BootstrapFailed, naming what is missing
         ready, listing, digests, installed = (result.stdout.split(f"\n{SECTION}\n") + ["", "", ""])[:4]
         if not result.ok:

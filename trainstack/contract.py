@@ -79,10 +79,14 @@ class Remote:
     READY = "ready.json"
     BOOTSTRAP_LOG = "bootstrap.log"
     SYNC_MANIFEST = ".trainstack-manifest.json"  # kept beside (not inside) workdir
+    SYNC_LOCK = ".trainstack-sync.lock"  # flock(1)'d by every sync for its whole length
+    SYNC_SCRATCH = ".trainstack-sync.tmp"  # one fresh subdir per sync, removed by it (or, stale, under the lock)
+    KEPT = "kept"  # kept/<sync-id>/<path>: machine-made files a sync moved out of a shipped file's way
 
     # Files inside one run directory, written by bin/trainstack-run. A run is ACTIVE while its
     # pid file exists, its exit_code file does not, the pid file is from the current boot and
-    # that process is alive (the runner, the watchdog and the laptop all use this rule).
+    # that process is alive: the runner alone applies this rule, and `trainstack-run active`
+    # lists those runs for the watchdog and the laptop.
     RUN_COMMAND = "command"  # the user's command, run verbatim by `bash -c`
     RUN_ENV = "env"  # KEY=value lines, exported as data
     RUN_PID = "pid"  # the job's pid = its process group and session id
@@ -111,6 +115,28 @@ class Remote:
     WATCHDOG_STATE = "watchdog.json"  # its last decision: busy, last activity, deadlines
 
 
+class RunnerExit:
+    """Exit statuses of `bin/trainstack-run` other than 0. The script names each one
+    `EXIT_<NAME>` with the same value (a test holds the two together)."""
+
+    USAGE = 2  # a malformed request (run id, KEY=value, offset, empty command): stderr says which
+    RUN_ACTIVE = 3  # `start` without --force while a run is active; stderr's last line is its id
+    NO_SUCH_RUN = 4  # `show`, `follow`, ... of an unknown run id; `latest` with no runs yet
+    RUN_EXISTS = 5  # `start` with an id that is already taken
+    NOT_STARTED = 6  # `start`: the job never reported its pid
+    NO_UV = 7  # `deps`: uv is missing on the machine
+    #: Not the runner's own: the shell's "command not found", i.e. the runner is not installed.
+    NOT_INSTALLED = 127
+
+
+#: A run id as the runner accepts it (it names runs/<id>/), the same regex in bash and Python;
+#: "current" is the runner's link to the latest run, never an id.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+RUN_ID_RESERVED = "current"
+#: The name of a variable a run is given (`KEY` of `--env KEY=value`), the same in bash and Python.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class RunEnv:
     """Environment every run gets from `invoke train` (one run id on all nodes)."""
 
@@ -127,6 +153,24 @@ class RunEnv:
 
 
 DEFAULT_MASTER_PORT = 29500
+
+
+class NodeAnswer:
+    """The words a node program (bootstrap/node/) answers with on stderr, as
+    `trainstack-node: <word> [<detail>]` (read by `trainstack.remote.answers`)."""
+
+    # Outcomes: the program stopped without changing anything in the workdir.
+    LOCK_HELD = "lock-held"  # another sync held the node's lock for the whole wait
+    MANIFEST_CHANGED = "manifest-changed"  # the node no longer holds the manifest planned against
+    STREAM_BROKEN = "stream-broken"  # the input ended early (the link broke)
+    DISK_FULL = "disk-full"  # detail: free KiB
+    RSYNC_MISSING = "rsync-missing"
+    FAILED = "failed"  # detail: what could not be done
+    OUTCOMES = (LOCK_HELD, MANIFEST_CHANGED, STREAM_BROKEN, DISK_FULL, RSYNC_MISSING, FAILED)
+    # Reports, alongside a success.
+    KEPT = "kept"  # hex NUL list: files in the way, moved to kept/<sync-id>/
+    LEFT = "left"  # hex NUL list: files a deletion left (changed on the node since shipped)
+    WAITING = "waiting"  # another sync held the lock; this one waited for it
 
 
 class ReadyStatus:

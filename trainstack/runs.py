@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 Notify = Callable[[str], None]
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RUN_ID = re.compile(contract.RUN_ID_PATTERN)
+_ENV_NAME = re.compile(contract.ENV_NAME_PATTERN)
+_EXIT = contract.RunnerExit
 #: Without output for this long, a followed log probes the connection before trusting it.
 PROBE_AFTER_SECONDS = 15.0
 PROBE_TIMEOUT_SECONDS = 10.0
@@ -95,7 +96,7 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id) or run_id == "current":
+    if not _RUN_ID.match(run_id) or run_id == contract.RUN_ID_RESERVED:
         raise UsageError(f"invalid run id {run_id!r}: run ids look like 20250101-120000-ab12 (see `invoke status`)")
     return run_id
 
@@ -118,7 +119,7 @@ def runner(target: "Target") -> str:
 
 def runner_call(conn: "Connection", args: list[str], **kwargs) -> "CommandResult":
     result = conn.run([runner(conn.target), *args], check=False, **kwargs)
-    if result.exit_code == 127 and "trainstack-run" in result.stderr:
+    if result.exit_code == _EXIT.NOT_INSTALLED and "trainstack-run" in result.stderr:
         raise BootstrapFailed(
             f"the job runner is missing on {conn.describe()} ({runner(conn.target)}): the machine is "
             "not set up yet — run `invoke wait`, or `invoke local.up` for the local target"
@@ -145,7 +146,7 @@ def show_run(conn: "Connection", run_id: str | None = None) -> RunInfo:
     """The named run, or the latest one."""
     args = ["show", check_run_id(run_id)] if run_id else ["latest"]
     result = runner_call(conn, args)
-    if result.exit_code == 4:
+    if result.exit_code == _EXIT.NO_SUCH_RUN:
         raise NoSuchRun(
             f"no run {run_id} on {conn.describe()}: see `invoke status` for the runs there"
             if run_id
@@ -174,10 +175,10 @@ def start_run(
     assignments = [f"{k}={v}" for k, v in parse_env(f"{k}={v}" for k, v in (env or {}).items()).items()]
     args = ["start", *(["--force"] if force else []), run_id, *assignments]
     result = runner_call(conn, args, stdin=command.encode("utf-8"))
-    if result.exit_code == 3:
+    if result.exit_code == _EXIT.RUN_ACTIVE:
         active = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?"
         raise RunActive(_active_message(active))
-    if result.exit_code == 2:
+    if result.exit_code == _EXIT.USAGE:
         raise UsageError(result.stderr.strip().removeprefix("trainstack-run: ") or "the runner refused the request")
     if not result.ok:
         raise _runner_error(conn, "starting the run", result)
@@ -190,44 +191,6 @@ def _active_message(run_id: str) -> str:
         f"run {run_id} is still active: watch it with `invoke logs --run {run_id}`, end it with "
         f"`invoke stop --run {run_id}`, or start another anyway with --force"
     )
-
-
-def train(
-    target: "Target",
-    conn: "Connection",
-    *,
-    command: str | None = None,
-    sync: "Callable[[Target, Connection], object] | None" = None,
-    force: bool = False,
-    env: Iterable[str] = (),
-    notify: Notify | None = None,
-) -> RunInfo:
-    """Sync (with `sync(target, conn)`, unless None), install dependencies, start the run.
-
-    Nothing changes on the node when the command is missing or another run is active.
-    """
-    command = command if command is not None else target.command
-    if command is None or not command.strip():
-        raise UsageError(
-            "no command to run: pass --command 'python train.py' or set trainstack:command in "
-            f"Pulumi.{target.stack}.yaml"
-        )
-    variables = parse_env(env)
-    if sync is not None:
-        target.require_workdir()
-    if not force:
-        active = active_runs(conn)
-        if active:
-            raise RunActive(_active_message(active[-1].run_id))
-    if sync is not None:
-        sync(target, conn)
-    from trainstack.deps import install_dependencies
-
-    install_dependencies(conn, notify)
-    run = start_run(conn, command, variables, force=force)
-    if notify is not None:
-        notify(f"started run {run.run_id} (pid {run.pid}) on {conn.describe()}")
-    return run
 
 
 # --- logs -------------------------------------------------------------------------------------
@@ -275,7 +238,7 @@ def stream_log(
                 notify(f"connection lost; reconnecting to resume the log at byte {cursor.offset}")
             conn.close()
             continue
-        if status == 4:
+        if status == _EXIT.NO_SUCH_RUN:
             raise NoSuchRun(f"no run {cursor.run_id} on {conn.describe()}: see `invoke status`")
         if status != 0:
             raise RemoteCommandFailed(
@@ -441,7 +404,7 @@ def node_status(conn: "Connection", extra: str = "") -> NodeStatus:
     script = f"{r} info; rc=$?; {marker}; {r} list; {marker}; {extra or ':'}; exit $rc"
     try:
         result = conn.run(script, check=False)
-        if result.exit_code == 127 and "trainstack-run" in result.stderr:
+        if result.exit_code == _EXIT.NOT_INSTALLED and "trainstack-run" in result.stderr:
             runner_call(conn, ["info"])  # raises BootstrapFailed, naming what is missing
         info_text, listing_text, status.extra = (result.stdout.split(f"\n{SECTION}\n") + ["", ""])[:3]
     except (TargetUnreachable, BootstrapFailed) as exc:
