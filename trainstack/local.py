@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainstack import contract
+from trainstack import contract, layout
 from trainstack.errors import LocalTargetError, UsageError
+from trainstack.layout import local_dir
+from trainstack.layout import local_outputs_path as outputs_path  # noqa: F401  (callers know it by this name)
 
-LOCAL_DIRNAME = "local"
-OUTPUTS_FILE = "outputs.json"
 HOST = "127.0.0.1"
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 #: The directory sshd's privilege separation chroots into when it runs as root.
@@ -48,16 +48,6 @@ MAX_NODES = 16
 BOOTSTRAP_BIN = Path(__file__).resolve().parent.parent / "bootstrap" / "bin"
 #: What `invoke train` installs beside them (see trainstack/tools.py).
 BOOTSTRAP_TOOLS = BOOTSTRAP_BIN.parent / "tools"
-
-
-def local_dir(project_dir: Path) -> Path:
-    from trainstack.stack import state_root
-
-    return state_root(project_dir) / LOCAL_DIRNAME
-
-
-def outputs_path(project_dir: Path) -> Path:
-    return local_dir(project_dir) / OUTPUTS_FILE
 
 
 @dataclass
@@ -101,7 +91,7 @@ class LocalTarget:
 
     @property
     def outputs_file(self) -> Path:
-        return self.root / OUTPUTS_FILE
+        return self.root / layout.LOCAL_OUTPUTS
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -141,9 +131,7 @@ class LocalTarget:
             self._stop_runs(index, grace)
             self.stop_sshd(index)
         shutil.rmtree(self.root, ignore_errors=True)
-        from trainstack.stack import stack_state_dir
-
-        shutil.rmtree(stack_state_dir(self.project_dir, contract.LOCAL_STACK), ignore_errors=True)
+        shutil.rmtree(layout.stack_state_dir(self.project_dir, contract.LOCAL_STACK), ignore_errors=True)
         return True
 
     def is_up(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from trainstack import contract
+from trainstack import contract, layout
 from trainstack.contract import LOCAL_STACK, StackOutputs
 from trainstack.errors import (
     OutputsMissing,
@@ -31,16 +31,22 @@ from trainstack.errors import (
     UsageError,
 )
 
+# The project's local files are laid out by trainstack.layout; these names stay importable
+# from here for the modules that have always found them here.
+from trainstack.layout import (  # noqa: F401
+    KNOWN_HOSTS,
+    OUTPUTS_CACHE,
+    PRIVATE_KEY,
+    RUNS_DIRNAME,
+    STATE_DIRNAME,
+    stack_state_dir,
+    state_root,
+)
+
 ENV_STACK = "TRAINSTACK_STACK"
 ENV_WORKDIR = "TRAINSTACK_WORKDIR"
 #: The private key to offer for a stack created with the user's own public key.
 ENV_SSH_KEY = "TRAINSTACK_SSH_KEY"
-STATE_DIRNAME = ".trainstack"
-#: Where fetched runs land, under the project: <project>/runs/<stack>/.
-RUNS_DIRNAME = "runs"
-OUTPUTS_CACHE = "outputs.json"
-KNOWN_HOSTS = "known_hosts"
-PRIVATE_KEY = "id_key"
 
 # Pulumi stack names: letters, digits, `-`, `_`, `.`; optionally qualified as org/project/stack.
 _STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,2}$")
@@ -196,14 +202,6 @@ def find_project_dir(start: Path) -> Path:
     return start
 
 
-def state_root(project_dir: Path) -> Path:
-    return project_dir / STATE_DIRNAME
-
-
-def stack_state_dir(project_dir: Path, stack: str) -> Path:
-    return state_root(project_dir) / "stacks" / stack.replace("/", "__")
-
-
 def resolve_stack_name(stack: str | None, project_dir: Path) -> str:
     name = (stack or os.environ.get(ENV_STACK) or "").strip()
     if not name:
@@ -268,15 +266,13 @@ def resolve_workdir(
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise UsageError(f"workdir {path} ({origin}) {what}: point it at your training project")
-    resolved = path.resolve()
-    private = state_root(project_dir.resolve())
-    if resolved == private or private in resolved.parents:
+    if layout.is_private(path, project_dir):
         # Everything under .trainstack/ is local state: private keys, known_hosts, records.
         raise UsageError(
-            f"workdir {path} ({origin}) is inside {private}, trainstack's private state (keys): "
-            "point it at your training project"
+            f"workdir {path} ({origin}) is inside {layout.state_root(project_dir.resolve())}, "
+            "trainstack's private state (keys): point it at your training project"
         )
-    return resolved
+    return path.resolve()
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -340,9 +336,7 @@ def write_outputs_cache(state_dir: Path, outputs: StackOutputs) -> None:
 
 
 def read_local_outputs(project_dir: Path) -> StackOutputs:
-    from trainstack import local
-
-    path = local.outputs_path(project_dir)
+    path = layout.local_outputs_path(project_dir)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
