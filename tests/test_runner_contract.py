@@ -40,6 +40,7 @@ class Root:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.zombie: subprocess.Popen | None = None
         self.runs = path / contract.Remote.RUNS
         self.workdir = path / contract.Remote.WORKDIR
         self.bin = path / contract.Remote.BIN
@@ -69,8 +70,11 @@ class Root:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Root:
-    return Root(tmp_path / "remote")
+def root(tmp_path: Path):
+    made = Root(tmp_path / "remote")
+    yield made
+    if made.zombie is not None:
+        made.zombie.wait()
 
 
 @pytest.fixture
@@ -180,7 +184,8 @@ def _active_world(root: Root, sleeper: subprocess.Popen) -> set[str]:
     """Runs of every kind; returns the ids of those that are active."""
     exited = subprocess.Popen(["true"])
     exited.wait()
-    zombie = subprocess.Popen(["true"])  # not waited for: a zombie until the fixture ends
+    zombie = subprocess.Popen(["true"])  # not waited for: a zombie while the root holds it
+    root.zombie = zombie
     time.sleep(0.2)
     root.fake_run("a-live", sleeper.pid)
     root.fake_run("b-exited-code", sleeper.pid, exit_code=0)
@@ -197,6 +202,8 @@ def _active_world(root: Root, sleeper: subprocess.Popen) -> set[str]:
 
 def test_runner_lists_exactly_the_active_runs(root: Root, sleeper: subprocess.Popen) -> None:
     expected = _active_world(root, sleeper)
+    assert root.zombie is not None
+    assert Path(f"/proc/{root.zombie.pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
     answer = root.run("active")
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.splitlines() == sorted(expected)
