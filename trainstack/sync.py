@@ -48,7 +48,6 @@ from __future__ import annotations
 import os
 import posixpath
 import select
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -59,10 +58,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from trainstack import contract
+from trainstack.contract import NodeAnswer
 from trainstack.errors import SyncError
 from trainstack.manifest import (
-    Diff, HashCache, Manifest, PendingScan, atomic_write, diff, header_digest, start_scan,
+    SYMLINK, Diff, Entry, HashCache, Manifest, PendingScan, atomic_write, diff, header_digest, start_scan,
 )
+from trainstack.remote import answers, scripts
 from trainstack.selection import select_files
 from trainstack.transfer import (
     REMOTE_TIMEOUT,
@@ -100,11 +101,9 @@ TREE_KEY = "tree-key"  # the tree's stat key and the digest of its manifest
 #: A sync whose connection drops is tried again this many times in all.
 TRANSFER_ATTEMPTS = 3
 
-# Markers the remote wrapper prints to stderr; rsync itself then reports a broken stream.
-_MARK_RSYNC_MISSING = "trainstack-sync: rsync-missing"
-_MARK_MANIFEST_CHANGED = "trainstack-sync: manifest-changed"
 _RSYNC_VANISHED = 24  # rsync: "some files vanished before they could be transferred"
-_MARK_STREAM_BROKEN = "trainstack-sync: stream-broken"
+#: How long a sync waits for another sync of the same node to end before it gives up.
+LOCK_WAIT_SECONDS = 300
 
 # A change set this small goes as a tar stream to one remote shell (see `_StreamPush`);
 # larger ones, and any file big enough for rsync's delta transfer to matter, go to rsync.
@@ -130,6 +129,9 @@ class SyncResult:
     #: The itemized changes ("+ path" new, "~ path" updated, "- path" deleted).
     changes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Machine-made files moved out of the way to kept/, and files a deletion left in place.
+    kept: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.noop:
@@ -248,7 +250,8 @@ def _sync(
     bookkeeping = _Bookkeeping(cache, state, pending)
     # Only an unchanged tree needs the node's answer here; a change waits for it in _StreamPush.
     if session is not None and last_digest == current.digest and session.digest() == last_digest:
-        bookkeeping.finish()
+        if not dry_run:
+            bookkeeping.finish()
         result.noop = True
         return _finish(result, started, console, dry_run)
 
@@ -273,7 +276,8 @@ def _sync(
             use_tar = True
     if use_tar:
         _push_tar(conn, workdir, remote, pending, last, state, result, console, dry_run)
-    bookkeeping.finish()
+    if not dry_run:  # a dry run writes nothing anywhere, not even the hash cache
+        bookkeeping.finish()
     return _finish(result, started, console, dry_run)
 
 
@@ -389,6 +393,7 @@ class _RemoteLayout:
     incoming: str  # the manifest of the transfer under way
     scratch: str  # rsync's temporary files and our lists, one subdir per sync
     results: tuple[str, ...]
+    kept: str = ""  # kept/: machine-made files a sync moved out of a shipped file's way
 
     @classmethod
     def of(cls, target: "Target") -> "_RemoteLayout":
@@ -400,8 +405,9 @@ class _RemoteLayout:
             manifest=manifest,
             partial=manifest + ".partial",
             incoming=manifest + ".incoming",
-            scratch=posixpath.join(root, ".trainstack-sync.tmp"),
+            scratch=posixpath.join(root, contract.Remote.SYNC_SCRATCH),
             results=tuple(target.results),
+            kept=posixpath.join(root, contract.Remote.KEPT),
         )
 
 
@@ -411,18 +417,6 @@ def _read_remote_header(conn: "Connection", remote: _RemoteLayout) -> str | None
     return header_digest(head.split(b"\n", 1)[0]) if head else None
 
 
-# The remote end of `_NodeSession`: print a marker and the first line of the node's
-# manifest (a login shell that prints something first is skipped by the marker), then
-# wait for the client. EOF: nothing more to do. A byte count: a script of that many
-# bytes follows on stdin, with its own input after it; it runs in this shell.
-_SESSION_SCRIPT = (
-    "{{ IFS= read -r h < {manifest}; }} 2>/dev/null || h=; "
-    "printf '%s\\n%s\\n' {marker} \"$h\"; "
-    "IFS= read -r n || exit 0; "
-    "case $n in ''|*[!0-9]*) exit 0;; esac; "
-    "script=$(dd bs=\"$n\" count=1 iflag=fullblock status=none) || exit 1; "
-    "eval \"$script\""
-)
 _SESSION_MARKER = "trainstack-session"
 #: How long a connected node's shell may take to print its manifest header.
 SESSION_ANSWER_SECONDS = 30.0
@@ -447,8 +441,10 @@ class _NodeSession:
         try:
             # Unique per session: a line that merely ends with it cannot come from the login shell.
             marker = f"{_SESSION_MARKER}-{os.urandom(8).hex()}"
-            script = _SESSION_SCRIPT.format(manifest=shlex.quote(remote.manifest), marker=marker)
-            argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
+            argv = [
+                *self.conn.ssh_argv(), self.conn.destination,
+                scripts.command("sync-session.sh", [marker, remote.manifest]),
+            ]
             self._proc = proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
@@ -552,32 +548,107 @@ class _NodeSession:
         return err
 
 
-def _read_remote_base(conn: "Connection", remote: _RemoteLayout) -> tuple[Manifest | None, set[str]]:
+def _read_remote_base(
+    conn: "Connection", remote: _RemoteLayout
+) -> tuple[Manifest | None, list[Manifest], Manifest | None]:
     """What the node's manifests say it holds: the complete manifest if there is one,
-    else the one before an interrupted transfer; plus every path any of them lists."""
+    else the one before an interrupted transfer; plus every manifest it holds (the
+    complete one, and those of a transfer under way), each a record of what sync put there."""
     sep = "\x1etrainstack-manifest-separator\x1e"
-    script = "; ".join(
-        f"cat {shlex.quote(p)} 2>/dev/null; printf '%s\\n' {shlex.quote(sep)}"
-        for p in (remote.manifest, remote.partial, remote.incoming)
-    )
-    code, out, err = remote_shell(conn, script, error=SyncError)
+    code, out, err = remote_shell(conn, scripts.command("sync-manifests.sh", [remote.manifest, sep]), error=SyncError)
     if code != 0:
         raise SyncError(f"cannot read the sync manifest on {conn.describe()}: {last_line(err)}")
     parts = out.split(sep.encode() + b"\n")
-    manifests = []
+    manifests: list[Manifest | None] = []
     for blob in parts[:3]:
         try:
             manifests.append(Manifest.loads(blob) if blob.strip() else None)
         except (ValueError, TypeError, UnicodeDecodeError):
             manifests.append(None)
     manifests += [None] * (3 - len(manifests))
-    complete, before, during = manifests
-    base = complete or before
-    paths: set[str] = set()
-    for m in manifests:
-        if m is not None:
-            paths.update(m.entries)
-    return base, paths
+    complete, before, _ = manifests
+    return complete or before, [m for m in manifests if m is not None], complete
+
+
+def _state_record(path: str, entry: Entry) -> bytes:
+    """A path's state as `node_states` (bootstrap/node/sync-lib.sh) prints it: size and
+    whole seconds of mtime (what tar and rsync keep) for a file, the size for a symlink."""
+    rel = b"./" + os.fsencode(path)
+    if entry.kind == SYMLINK:
+        return b"l %d - %s\0" % (entry.size, rel)
+    return b"f %d %d %s\0" % (entry.size, entry.mtime_ns // 1_000_000_000, rel)
+
+
+def _owned_records(paths: Iterable[str], manifests: Sequence[Manifest]) -> bytes:
+    """Every state sync may have left each path in (one per manifest that lists it), in
+    the order of `paths`: a path on the node in any other state is not sync's to change."""
+    out: list[bytes] = []
+    for path in paths:
+        seen: set[bytes] = set()
+        for manifest in manifests:
+            entry = manifest.entries.get(path)
+            if entry is not None:
+                record = _state_record(path, entry)
+                if record not in seen:
+                    seen.add(record)
+                    out.append(record)
+    return b"".join(out)
+
+
+def _sync_id() -> str:
+    """This sync's name under kept/: when, and a few random characters."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def _node_outcome(conn: "Connection", found: answers.Answers, code: int, stderr: str) -> None:
+    """Raise what a node program's answer means (nothing for a success)."""
+    word = found.outcome
+    if word == NodeAnswer.MANIFEST_CHANGED:
+        raise _ManifestChanged()
+    if word == NodeAnswer.RSYNC_MISSING:
+        raise _RsyncMissing()
+    if word == NodeAnswer.LOCK_HELD:
+        raise SyncError(
+            f"another sync to {conn.describe()} held its lock for {found.detail or LOCK_WAIT_SECONDS} s: "
+            "wait for it to end and run sync again"
+        )
+    if word == NodeAnswer.DISK_FULL or "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+        free = f" ({human(int(found.detail) * 1024)} free)" if found.detail.isdigit() else ""
+        raise SyncError(
+            f"the disk of {conn.describe()} is full{free}: free space there (`invoke ssh` then `df -h`, "
+            "remove old checkpoints) and run sync again — the node's workdir is unchanged"
+        )
+    if word == NodeAnswer.STREAM_BROKEN:
+        raise LinkFailed(found.detail or last_line(found.other) or "the stream ended early")
+    if word == NodeAnswer.FAILED:
+        raise SyncError(f"sync on {conn.describe()} failed: {found.detail} — fix the cause and run sync again")
+    if code in (255, -1):
+        raise LinkFailed(last_line(found.other) or "the connection closed before the node finished")
+    if code != 0:
+        raise SyncError(
+            f"sync on {conn.describe()} failed (exit {code}): {last_line(found.other) or 'no message'}"
+            " — fix the cause and run sync again"
+        )
+
+
+def _report(result: "SyncResult", found: answers.Answers, remote: _RemoteLayout, kept_id: str) -> None:
+    if found.kept:
+        result.kept += found.kept
+        result.warnings.append(
+            f"moved {len(found.kept)} file(s) the machine made or changed out of the way of synced ones, "
+            f"to {remote.kept}/{kept_id}/: {_names(found.kept)}"
+        )
+    if found.left:
+        result.left += found.left
+        result.warnings.append(
+            f"left {len(found.left)} file(s) on the machine that changed there since they were synced "
+            f"(deleted here; sync no longer owns them): {_names(found.left)}"
+        )
+
+
+def _names(paths: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 # --- rsync ----------------------------------------------------------------------------------
@@ -591,60 +662,11 @@ class _ManifestChanged(Exception):
     pass
 
 
-# The remote end of a sync, run instead of plain `rsync` as `sh -c SCRIPT trainstack-sync
-# <server args>`. Its stdin starts with blobs of known sizes, then rsync's own stream:
-# the new manifest as a patch of the node's (its header line, the entry lines to drop,
-# the entry lines to add: a one-file edit sends two lines, not the whole manifest), and
-# the NUL-separated paths to delete, to force, and the dirs to remove if left empty.
-# Entry lines are kept in byte order, so `comm` and `sort -m` apply the patch.
-_RSYNC_WRAPPER = (
-    "command -v rsync >/dev/null 2>&1 || {{ echo {missing} >&2; exit 127; }}; "
-    "{check}"
-    "take() {{ if [ \"$1\" -gt 0 ]; then dd bs=\"$1\" count=1 iflag=fullblock status=none of=\"$2\" || exit 1; "
-    "else : > \"$2\" || exit 1; fi; }}; "
-    "mkdir -p {workdir} {scratch} || exit 1; "
-    # rsync's temporary files live in a scratch dir per sync, not in the workdir; those of
-    # syncs that were killed (their pid is gone, or a zombie not yet reaped) are removed here.
-    "for d in {scratch}/*; do [ -d \"$d\" ] || continue; p=${{d##*/}}; "
-    "if kill -0 \"$p\" 2>/dev/null && ! grep -qs '^State:.Z' \"/proc/$p/status\"; then continue; fi; "
-    "rm -rf \"$d\"; done; "
-    "s={scratch}/$$; mkdir \"$s\" || exit 1; "
-    "if [ -f {manifest} ]; then mv -f {manifest} {partial} || exit 1; fi; "
-    "take {header_size} \"$s/header\"; take {removed_size} \"$s/removed\"; take {added_size} \"$s/added\"; "
-    "take {delete_size} \"$s/delete\"; take {force_size} \"$s/force\"; take {rmdir_size} \"$s/rmdir\"; "
-    "tail -n +2 {patch_base} | LC_ALL=C comm -23 --nocheck-order - \"$s/removed\" "
-    "| LC_ALL=C sort -m - \"$s/added\" > \"$s/body\" && cat \"$s/header\" \"$s/body\" > {incoming} || exit 1; "
-    "cd {workdir} || exit 1; "
-    "xargs -0 -r rm -f -- < \"$s/delete\" || exit 1; "
-    "xargs -0 -r rmdir --ignore-fail-on-non-empty -- < \"$s/rmdir\" 2>/dev/null; "
-    # A zero mtime makes rsync's quick check see these files as changed.
-    "xargs -0 -r touch -c -m -d @0 -- < \"$s/force\" 2>/dev/null; "
-    "server=$1; shift; rsync \"$server\" --temp-dir=\"$s\" \"$@\"; rc=$?; "
-    "rm -rf \"$s\"; "
-    "if [ $rc -eq 0 ]; then mv -f {incoming} {manifest} && rm -f {partial} || rc=1; fi; "
-    "exit $rc"
-)
-_CHECK_DIGEST = (
-    "head -n 1 {manifest} 2>/dev/null | grep -qF {needle} || {{ echo {changed} >&2; exit 3; }}; "
-)
-_CHECK_NO_MANIFEST = (
-    "if [ -e {manifest} ] || [ -e {partial} ]; then echo {changed} >&2; exit 3; fi; "
-)
-_DRY_RUN_WRAPPER = (
-    "command -v rsync >/dev/null 2>&1 || {{ echo {missing} >&2; exit 127; }}; "
-    "exec rsync \"$@\""
-)
-
 # The local end: ssh's stdin is the blobs followed by rsync's own stream. The relay (cat)
 # runs in the background and is stopped as soon as ssh ends, so a remote that exits
 # early can never leave rsync waiting on a relay that waits on rsync.
 # (fd 3: a background job's stdin would otherwise be /dev/null.)
 _RELAY = 'h=$0; f=$1; shift; exec 3<&0; cat -- "$h" - <&3 >"$f" & c=$!; exec 3<&-; "$@" <"$f"; rc=$?; kill $c 2>/dev/null; exit $rc'
-
-
-def _wrapped(script: str) -> str:
-    # Through `sh` whatever the login shell is; rsync appends the server's arguments.
-    return f"sh -c {shlex.quote(script)} trainstack-sync"
 
 
 def _nul_list(paths: Iterable[str]) -> bytes:
@@ -661,16 +683,17 @@ class _Plan:
     expected_digest: str | None  # the node must hold this manifest (None: none at all)
     check: bool  # whether the node must confirm `expected_digest` first
     change: Diff | None = None  # base -> new_manifest, when there is a base
+    #: Every manifest the node may hold: a file in a state none of them records is not sync's.
+    owned_from: tuple[Manifest, ...] = ()
+    kept_id: str = ""  # where files in the way go, under kept/
+
+    def check_paths(self) -> list[str]:
+        """The paths this plan writes or deletes: each is checked on the node first."""
+        return [*self.send, *self.delete]
 
     def rmdirs(self) -> list[str]:
         """Parent dirs of deleted paths, deepest first: removed on the node only if empty."""
-        dirs: set[str] = set()
-        for path in self.delete:
-            parent = posixpath.dirname(path)
-            while parent:
-                dirs.add(parent)
-                parent = posixpath.dirname(parent)
-        return sorted(dirs, key=lambda d: (-d.count("/"), d))
+        return _parents(self.delete)
 
 
 class _RsyncPush:
@@ -689,6 +712,7 @@ class _RsyncPush:
         self.remote = remote
         self.console = console
         self.bwlimit_kbps = bwlimit_kbps
+        self.answers = answers.Answers()  # what the node's end said in the last run
 
     def argv(self, files_from: Path, *, rsync_path: str, rsh: list[str], dry_run: bool = False) -> list[str]:
         argv = [
@@ -722,33 +746,24 @@ class _RsyncPush:
     def push(self, tmp: Path, plan: _Plan) -> RsyncOutcome:
         files_from = tmp / "files-from"
         files_from.write_bytes(_nul_list(plan.send))
-        q = shlex.quote
         r = self.remote
         current = plan.new_manifest
         if plan.check and plan.base is not None and plan.change is not None and plan.expected_digest == plan.base.digest:
             # The node holds `base` (checked first): send only the lines that differ.
-            removed, added = list(plan.change.lines_removed), list(plan.change.lines_added)
-            patch_base = q(r.partial)
+            removed, added, patch_base = list(plan.change.lines_removed), list(plan.change.lines_added), "node"
         else:
-            removed, added, patch_base = [], current.body_lines(), "/dev/null"
+            removed, added, patch_base = [], current.body_lines(), "whole"
+        check = plan.check_paths()
         blobs = [
             current.header_line(), b"".join(removed), b"".join(added),
+            _nul_list("./" + p for p in check), _owned_records(check, plan.owned_from),
             _nul_list(plan.delete), _nul_list(plan.force), _nul_list(plan.rmdirs()),
         ]
-        if not plan.check:
-            check = ""
-        elif plan.expected_digest is None:
-            check = _CHECK_NO_MANIFEST.format(manifest=q(r.manifest), partial=q(r.partial), changed=q(_MARK_MANIFEST_CHANGED))
-        else:
-            check = _CHECK_DIGEST.format(
-                manifest=q(r.manifest), needle=q(f'"digest": "{plan.expected_digest}"'), changed=q(_MARK_MANIFEST_CHANGED)
-            )
-        rsync_path = _wrapped(_RSYNC_WRAPPER.format(
-            missing=q(_MARK_RSYNC_MISSING), check=check, scratch=q(r.scratch), workdir=q(r.workdir),
-            manifest=q(r.manifest), partial=q(r.partial), incoming=q(r.incoming),
-            header_size=len(blobs[0]), removed_size=len(blobs[1]), added_size=len(blobs[2]),
-            delete_size=len(blobs[3]), force_size=len(blobs[4]), rmdir_size=len(blobs[5]), patch_base=patch_base,
-        ))
+        expect = "any" if not plan.check else (plan.expected_digest or "none")
+        rsync_path = scripts.command("sync-rsync.sh", [
+            r.root, r.workdir, expect, str(LOCK_WAIT_SECONDS), plan.kept_id, patch_base,
+            ",".join(str(len(b)) for b in blobs), "--",
+        ])
         head = tmp / "head"
         head.write_bytes(b"".join(blobs))
         fifo = tmp / "stream"
@@ -762,8 +777,7 @@ class _RsyncPush:
     def dry_run(self, tmp: Path, send: Sequence[str]) -> RsyncOutcome:
         files_from = tmp / "files-from"
         files_from.write_bytes(_nul_list(send))
-        q = shlex.quote
-        rsync_path = _wrapped(_DRY_RUN_WRAPPER.format(missing=q(_MARK_RSYNC_MISSING)))
+        rsync_path = scripts.command("sync-dry-run.sh", [])
         argv = self.argv(files_from, rsync_path=rsync_path, rsh=self.conn.ssh_argv(), dry_run=True)
         return self._run(argv, tmp, 0)
 
@@ -771,58 +785,18 @@ class _RsyncPush:
         with Progress(self.console, total_bytes, "sync") as progress:
             outcome = run_rsync(argv, progress=progress, stderr_path=tmp / "stderr")
         code, stderr = outcome.exit_code, outcome.stderr
+        self.answers = found = answers.parse(stderr)
         if code in (0, _RSYNC_VANISHED):
             return outcome
-        if _MARK_RSYNC_MISSING in stderr or code == 127:
+        if code == 127:
             raise _RsyncMissing()
-        if _MARK_MANIFEST_CHANGED in stderr:
-            raise _ManifestChanged()
-        if code in RSYNC_LINK_FAILURES:
-            raise LinkFailed(last_line(stderr) or f"rsync exited {code}")
-        raise SyncError(
-            f"rsync to {self.conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
-            " — fix the cause and run sync again"
-        )
+        if found.outcome is None and code in RSYNC_LINK_FAILURES and "No space left on device" not in stderr:
+            raise LinkFailed(last_line(found.other) or f"rsync exited {code}")
+        _node_outcome(self.conn, found, code, stderr)
+        raise AssertionError("unreachable")  # _node_outcome raised for a non-zero exit
 
 
 # --- a small change set over one remote shell ---------------------------------------------
-
-# Runs on the node as `sh -c SCRIPT`; its stdin is one tar archive whose members all live
-# under "$s" (a fresh name inside the scratch dir): the changed files under f/, then the
-# manifest patch (as in `_RSYNC_WRAPPER`: header, lines to drop, lines to add).
-# Nothing in the workdir changes until the whole archive has arrived; then the manifest is
-# marked in progress, deletions are applied and each file is renamed into place (atomic
-# per file: the scratch dir is on the workdir's filesystem), and the patched manifest is
-# installed. The paths are in the script itself, so the shell needs no list parsing:
-# one `tar`, one `awk` and a rename per file are the only processes for a one-file edit.
-_STREAM_SCRIPT = r"""
-m={manifest}; p={partial}; i={incoming}; w={workdir}; c={scratch}; s={scratch}/{token}
-{{ read -r h < "$m"; }} 2>/dev/null || h=
-case $h in *{needle}*) ;; *) echo {changed} >&2; exit 3;; esac
-[ -d "$c" ] || mkdir -p "$c" || exit 1
-if ! tar -x -p --no-same-owner -f - -C "$c" || [ ! -f "$s/patch" ]; then
-  rm -rf "$s"; echo {broken} >&2; exit 4
-fi
-# The patch: the new header line, the number of entry lines to drop, those lines, then
-# the lines to add; entry lines are in byte order, so a merge keeps the manifest sorted.
-LC_ALL=C awk '
-  FILENAME == ARGV[1] && FNR == 1 {{ print; next }}
-  FILENAME == ARGV[1] && FNR == 2 {{ r = $0 + 2; next }}
-  FILENAME == ARGV[1] && FNR <= r {{ gone[$0] = 1; next }}
-  FILENAME == ARGV[1] {{ add[++n] = $0; next }}
-  FNR == 1 || ($0 in gone) {{ next }}
-  {{ while (k < n && (add[k + 1] "") < ($0 "")) print add[++k]; print }}
-  END {{ while (k < n) print add[++k] }}
-' "$s/patch" "$m" > "$i" || {{ rm -rf "$s"; exit 1; }}
-# From here on the client may vanish: finish what the node can finish on its own.
-trap '' HUP PIPE INT TERM
-mv -f "$m" "$p" && cd "$w" || exit 1
-rc=0
-{apply}
-if [ $rc -ne 0 ]; then echo 'trainstack-sync: could not put the files in place' >&2; exit 5; fi
-mv -f "$i" "$m" && rm -rf "$p" "$s"
-"""
-
 
 class _StreamPush:
     """Ships a small change set as one tar stream into one remote shell that checks
@@ -840,6 +814,7 @@ class _StreamPush:
         self.workdir = workdir
         self.remote = remote
         self.session = session  # the sync's open remote shell, used once if still usable
+        self.answers = answers.Answers()  # what the node's end said in the last push
 
     def push(self, plan: _Plan) -> RsyncOutcome | None:
         if not plan.check or plan.base is None or plan.change is None or plan.expected_digest != plan.base.digest:
@@ -853,33 +828,31 @@ class _StreamPush:
             return None
         if shutil.which("ssh") is None:
             return None
-        import secrets
-
-        token = "stream-" + secrets.token_hex(8)
-        script = self._script(plan, token)
+        r = self.remote
+        check = plan.check_paths()
+        args = [
+            r.root, r.workdir, plan.expected_digest or "none", str(LOCK_WAIT_SECONDS), plan.kept_id,
+            *("./" + p for p in check),
+        ]
+        script = scripts.inline("sync-apply.sh", args)
         if len(script.encode("utf-8", "surrogateescape")) > STREAM_MAX_SCRIPT_BYTES:
             return None
-        archive = self._archive(plan, token)
+        archive = self._archive(plan, _owned_records(check, plan.owned_from))
         if archive is None:
             return None
         session, self.session = self.session, None
         if session is not None and session.usable:
             code, err = session.run(script, archive, self._deliver)
         else:
-            argv = [*self.conn.ssh_argv(), self.conn.destination, f"sh -c {shlex.quote(script)}"]
+            argv = [*self.conn.ssh_argv(), self.conn.destination, scripts.command("sync-apply.sh", args)]
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             err = self._deliver(proc, archive)
             code = proc.returncode
         stderr = err.decode("utf-8", "replace")
-        if code != 0:
-            if _MARK_MANIFEST_CHANGED in stderr:
-                raise _ManifestChanged()
-            if code == 255 or code < 0 or _MARK_STREAM_BROKEN in stderr:
-                raise LinkFailed(last_line(stderr) or "the connection closed before the node finished")
-            raise SyncError(
-                f"sync to {self.conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
-                " — fix the cause and run sync again"
-            )
+        self.answers = found = answers.parse(stderr)
+        if code < 0:
+            code = -1
+        _node_outcome(self.conn, found, code, stderr)
         assert plan.change is not None
         changes = [f"{'~' if p in plan.change.updated else '+'} {p}" for p in send]
         return RsyncOutcome(
@@ -895,30 +868,7 @@ class _StreamPush:
             _, err = proc.communicate()
         return err or b""
 
-    def _script(self, plan: _Plan, token: str) -> str:
-        q = shlex.quote
-        r = self.remote
-        apply: list[str] = []
-        if plan.delete:
-            apply.append("rm -f -- " + " ".join(q(p) for p in plan.delete) + " || rc=1")
-        rmdirs = plan.rmdirs()
-        if rmdirs:
-            apply.append("rmdir --ignore-fail-on-non-empty -- " + " ".join(q(d) for d in rmdirs) + " 2>/dev/null")
-        made: set[str] = set()
-        for path in plan.send:
-            parent = posixpath.dirname(path)
-            if parent and parent not in made:
-                made.add(parent)
-                apply.append(f"[ -d {q(parent)} ] || mkdir -p -- {q(parent)} || rc=1")
-            # -T: never move a file *into* a directory that stands where the file belongs.
-            apply.append(f'mv -f -T -- "$s"/f/{q(path)} {q(path)} || rc=1')
-        return _STREAM_SCRIPT.format(
-            manifest=q(r.manifest), partial=q(r.partial), incoming=q(r.incoming), workdir=q(r.workdir),
-            scratch=q(r.scratch), token=token, needle=q(f'"digest": "{plan.expected_digest}"'),
-            changed=q(_MARK_MANIFEST_CHANGED), broken=q(_MARK_STREAM_BROKEN), apply="\n".join(apply) or ":",
-        )
-
-    def _archive(self, plan: _Plan, token: str) -> bytes | None:
+    def _archive(self, plan: _Plan, owned: bytes) -> bytes | None:
         """The tar archive; None when a file no longer matches the scan (rsync then settles it)."""
         import stat
         import tarfile
@@ -941,7 +891,7 @@ class _StreamPush:
                 st = os.lstat(full)
                 if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
                     return None
-                info = tarfile.TarInfo(f"{token}/f/{rel}")
+                info = tarfile.TarInfo(rel)
                 info.mtime = st.st_mtime
                 info.mode = stat.S_IMODE(st.st_mode)
                 if stat.S_ISLNK(st.st_mode):
@@ -962,11 +912,18 @@ class _StreamPush:
         # The manifest patch, last: its presence proves the whole archive arrived.
         removed, added = change.lines_removed, change.lines_added
         patch = b"".join([current.header_line(), b"%d\n" % len(removed), *removed, *added])
-        info = tarfile.TarInfo(f"{token}/patch")
-        info.size = len(patch)
-        info.mode = 0o600
-        info.mtime = int(time.time())
-        add(info, patch)
+        controls = [
+            ("owned", owned), ("delete", _nul_list(plan.delete)), ("rmdir", _nul_list(plan.rmdirs())),
+            ("patch", patch),
+        ]
+        for name, data in controls:
+            if not data:
+                continue  # the node takes a missing list for an empty one
+            info = tarfile.TarInfo(f"{_CONTROL_DIR}/{name}")
+            info.size = len(data)
+            info.mode = 0o600
+            info.mtime = int(time.time())
+            add(info, data)
         blocks.append(b"\0" * (2 * tarfile.BLOCKSIZE))
         return b"".join(blocks)
 
@@ -999,10 +956,15 @@ def _push_with_retries(
     known_paths: set[str] = set()
     full_list = last is None
     check = True  # make the node confirm it holds `base` before anything changes
+    # Every manifest that may describe the node: a file in a state none of them records is not sync's.
+    owned_from: list[Manifest] = [last] if last is not None else []
+    kept_id = _sync_id()
 
     def learn_node() -> Manifest | None:
-        node_base, remote_paths = _read_remote_base(conn, pusher.remote)
-        known_paths.update(remote_paths)
+        node_base, node_manifests, _ = _read_remote_base(conn, pusher.remote)
+        for manifest in node_manifests:
+            known_paths.update(manifest.entries)
+        owned_from[:] = [*node_manifests, *([last] if last is not None else [])]
         if last is not None:
             known_paths.update(last.entries)
         return node_base
@@ -1029,6 +991,7 @@ def _push_with_retries(
         plan = _Plan(
             send=tuple(send), delete=tuple(delete), force=tuple(force), new_manifest=current, base=base,
             expected_digest=base.digest if base is not None else None, check=check, change=change,
+            owned_from=tuple(owned_from if not check or base is None else [base]), kept_id=kept_id,
         )
         try:
             outcome = None
@@ -1036,10 +999,12 @@ def _push_with_retries(
                 outcome = stream.push(plan)
                 if outcome is not None:
                     result.transport = TRANSPORT_STREAM
+                    _report(result, stream.answers, pusher.remote, kept_id)
             if outcome is None:
                 result.transport = TRANSPORT_RSYNC
                 with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
                     outcome = pusher.push(Path(tmp_name), plan)
+                _report(result, pusher.answers, pusher.remote, kept_id)
         except (_ManifestChanged, LinkFailed) as exc:
             if isinstance(exc, LinkFailed):
                 if attempt == TRANSFER_ATTEMPTS:
@@ -1054,10 +1019,12 @@ def _push_with_retries(
             full_list = True
             check = False
             continue
+        left = set(result.left)
+        deleted = [p for p in delete if p not in left]
         result.transferred = outcome.transferred
-        result.deleted = len(delete)
+        result.deleted = len(deleted)
         result.bytes_sent = outcome.bytes_sent
-        result.changes = sorted(outcome.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
+        result.changes = sorted(outcome.changes + [f"- {p}" for p in deleted], key=lambda c: c[2:])
         if outcome.exit_code == _RSYNC_VANISHED:
             # Files vanished locally while shipping: leave the local record alone so the
             # next sync compares against the node's manifest and settles them.
@@ -1084,62 +1051,8 @@ def _plan(
 
 # --- tar ------------------------------------------------------------------------------------
 
-_TAR_NEW = ".workdir.incoming"
-_TAR_OLD = ".workdir.previous"
-# `.trainstack` is never shipped (selection.NEVER_SHIPPED), so this name cannot collide.
-_TAR_MANIFEST_DIR = ".trainstack"
-_TAR_MANIFEST_MEMBER = ".trainstack/sync-manifest"
-
-# Runs on the node. Its stdin: the NUL-separated paths the node may hold from syncs (a
-# blob of known size), then the tar stream of the whole shipped set, the manifest last.
-# The stream is extracted into a fresh dir beside the workdir; the results dirs (whole)
-# and every other file sync does not own are moved over; then two renames swap it in.
-# An interrupted run leaves the old workdir as it was.
-_TAR_SCRIPT = r"""
-set -eu
-root={root}; w={workdir}; new="$root/{new}"; old="$root/{old}"; scratch={scratch}; fresh={fresh}
-{check}
-take() {{ if [ "$1" -gt 0 ]; then dd bs="$1" count=1 iflag=fullblock status=none of="$2"; else : > "$2"; fi; }}
-# An earlier swap interrupted between its two renames leaves only the old tree.
-if [ ! -e "$w" ] && [ -d "$old" ]; then mv "$old" "$w"; fi
-if [ -e "$new" ] || [ -e "$old" ]; then rm -rf "$new" "$old"; fi
-s="$scratch/tar.$$"
-mkdir -p "$new" "$w" "$s"
-take {known_size} "$s/known"
-# -i: the manifest follows the files as a second archive, once its hashes are known.
-tar -x -i -p --no-same-owner -f - -C "$new"
-mv "$new/{manifest_member}" "$s/manifest"
-rmdir "$new/{manifest_dir}"
-for rel in {results}; do
-  if [ -e "$w/$rel" ] || [ -L "$w/$rel" ]; then
-    mkdir -p "$(dirname "$new/$rel")"
-    rm -rf "$new/$rel"
-    mv "$w/$rel" "$new/$rel"
-  fi
-done
-# Files sync does not own move over to the new tree; with none left (a first sync into
-# an empty workdir), shell builtins alone tell, and no list is made.
-left=0
-for f in "$w"/* "$w"/.[!.]* "$w"/..?*; do if [ -e "$f" ] || [ -L "$f" ]; then left=1; break; fi; done
-if [ $left = 1 ]; then
-  (cd "$w" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' | LC_ALL=C sort -z > "$s/have"
-  if [ "$fresh" = 1 ]; then
-    # A first sync owns nothing on the node yet: what it shipped is the new tree itself.
-    (cd "$new" && find . -mindepth 1 \( -type f -o -type l \) -print0) | sed -z 's|^\./||' > "$s/known"
-  fi
-  LC_ALL=C sort -z -u "$s/known" > "$s/known.sorted"
-  LC_ALL=C comm -z -23 "$s/have" "$s/known.sorted" | (cd "$w" && xargs -0 -r sh -c '
-    for p do mkdir -p "$0/$(dirname "$p")"; mv "$p" "$0/$p"; done' "$new")
-fi
-mv "$w" "$old"
-mv "$new" "$w"
-mv -f "$s/manifest" {manifest}
-if [ -e {partial} ] || [ -e {incoming} ]; then rm -f {partial} {incoming}; fi
-rm -rf "$old" "$s"
-"""
-_TAR_CHECK_FRESH = (
-    'if [ -e {manifest} ] || [ -e {partial} ] || [ -e {incoming} ]; then echo {changed} >&2; exit 3; fi'
-)
+# Control files travel in the stream under this dir, never a shipped path (selection.NEVER_SHIPPED).
+_CONTROL_DIR = ".trainstack"
 
 
 def _push_tar(
@@ -1156,62 +1069,89 @@ def _push_tar(
     expect_fresh: bool = False,
     meanwhile: Callable[[], None] | None = None,
 ) -> None:
-    """Ship the whole shipped set as one tar stream and swap it in.
+    """Ship the changed files (all of them when the node's state is not known) as one tar
+    stream, applied on the node by bootstrap/node/sync-apply.sh.
 
     `expect_fresh`: a first sync assumes the node holds no manifest (saving a round
     trip) and raises _ManifestChanged when it does; its hashes are computed while the
     stream flows, and the manifest follows the files.
     """
     result.transport = TRANSPORT_TAR
-    paths = pending.paths
-    if expect_fresh:
-        base, known = None, set(paths)
-    else:
-        base, remote_paths = _read_remote_base(conn, remote)
-        base = base if base is not None else last
-        known = remote_paths | (set(last.entries) if last else set()) | set(paths)
-    removed = sorted(p for p in known if p not in pending.found)
-    result.deleted = len(removed)
-    if base is None:
-        changed = paths
-        result.changes = [f"+ {p}" for p in paths]
-    else:
-        change = diff(pending.finish(), base)
-        changed = list(change.changed)
-        result.changes = [f"{'~' if p in base.entries else '+'} {p}" for p in changed]
-    result.transferred = len(changed)
-    result.changes = sorted(result.changes + [f"- {p}" for p in removed], key=lambda c: c[2:])
-    if dry_run:
-        return
-
-    q = shlex.quote
-    # A first sync sends no list ahead of the stream (the node derives it), so tar starts at once.
-    known_blob = b"" if expect_fresh else _nul_list(sorted(known))
-    script = _TAR_SCRIPT.format(
-        fresh=1 if expect_fresh else 0,
-        root=q(remote.root), workdir=q(remote.workdir), new=_TAR_NEW, old=_TAR_OLD, scratch=q(remote.scratch),
-        check=_TAR_CHECK_FRESH.format(
-            manifest=q(remote.manifest), partial=q(remote.partial), incoming=q(remote.incoming),
-            changed=q(_MARK_MANIFEST_CHANGED),
-        ) if expect_fresh else "",
-        known_size=len(known_blob), manifest_member=_TAR_MANIFEST_MEMBER, manifest_dir=_TAR_MANIFEST_DIR,
-        manifest=q(remote.manifest), partial=q(remote.partial), incoming=q(remote.incoming),
-        results=" ".join(q(r.strip("/")) for r in remote.results) or "''",
-    )
+    kept_id = _sync_id()
     stream = _stream_tar_openssh if _openssh_tar_available() else _stream_tar_paramiko
     for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+        if expect_fresh:
+            expect, send, delete, head = "none", list(pending.paths), [], _control_archive([], b"", [], [])
+            result.changes = [f"+ {p}" for p in send]
+        else:
+            base, manifests, complete = _read_remote_base(conn, remote)
+            owned_from = [*manifests, *([last] if last is not None else [])]
+            expect = complete.digest if complete is not None else ("any" if manifests else "none")
+            current = pending.finish()
+            if complete is not None:
+                change = diff(current, complete)
+                send = list(change.changed)
+                result.changes = [f"{'~' if p in change.updated else '+'} {p}" for p in send]
+            else:
+                send = sorted(current.entries)
+                result.changes = [f"{'~' if base is not None and p in base.entries else '+'} {p}" for p in send]
+            known = {p for m in owned_from for p in m.entries}
+            delete = sorted(p for p in known if p not in pending.found)
+            check = [*send, *delete]
+            head = _control_archive(check, _owned_records(check, owned_from), delete, _parents(delete))
+        result.transferred = len(send)
+        result.deleted = len(delete)
+        result.changes = sorted(result.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
+        if dry_run:
+            return
+        args = [remote.root, remote.workdir, expect, str(LOCK_WAIT_SECONDS), kept_id]
         try:
-            sent = stream(conn, workdir, pending, known_blob, script, console, meanwhile)
+            sent, found = stream(conn, workdir, pending, send, head, scripts.command("sync-apply.sh", args), console, meanwhile)
             break
         except LinkFailed as failure:
             if attempt == TRANSFER_ATTEMPTS:
                 raise SyncError(
                     f"sync to {conn.describe()} failed: the connection broke ({failure.detail}); "
-                    "the node's workdir is unchanged — run sync again"
+                    "run sync again when the machine answers — an interrupted sync is always completed"
                 ) from None
             wait_for_node(conn)
+        except _ManifestChanged:
+            if expect_fresh or attempt == TRANSFER_ATTEMPTS:
+                raise
+        expect_fresh = False  # what the node holds now is read again
+    _report(result, found, remote, kept_id)
+    if found.left:
+        result.deleted -= len(found.left)
     result.bytes_sent = sent
     state.write_synced(pending.finish())
+
+
+def _parents(paths: Iterable[str]) -> list[str]:
+    """Parent dirs of `paths`, deepest first: removed on the node only if left empty."""
+    dirs: set[str] = set()
+    for path in paths:
+        parent = posixpath.dirname(path)
+        while parent:
+            dirs.add(parent)
+            parent = posixpath.dirname(parent)
+    return sorted(dirs, key=lambda d: (-d.count("/"), d))
+
+
+def _control_archive(check: Sequence[str], owned: bytes, delete: Sequence[str], rmdirs: Sequence[str]) -> bytes:
+    """A tar archive of the lists sync-apply.sh reads from `.trainstack/` (no end blocks:
+    the files' archive follows)."""
+    import tarfile
+
+    blocks: list[bytes] = []
+    for name, data in (
+        ("check", _nul_list("./" + p for p in check)), ("owned", owned), ("delete", _nul_list(delete)),
+        ("rmdir", _nul_list(rmdirs)),
+    ):
+        info = tarfile.TarInfo(f"{_CONTROL_DIR}/{name}")
+        info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+        blocks.append(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        blocks.append(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+    return b"".join(blocks)
 
 
 def _manifest_archive(manifest: Manifest) -> bytes:
@@ -1222,7 +1162,7 @@ def _manifest_archive(manifest: Manifest) -> bytes:
     data = manifest.dumps()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        info = tarfile.TarInfo(_TAR_MANIFEST_MEMBER)
+        info = tarfile.TarInfo(f"{_CONTROL_DIR}/manifest")
         info.size = len(data)
         info.mode = 0o600
         info.mtime = int(time.time())
@@ -1230,23 +1170,16 @@ def _manifest_archive(manifest: Manifest) -> bytes:
     return out.getvalue()
 
 
-def _tar_outcome(conn: "Connection", code: int, stderr: str) -> None:
-    if code == 0:
-        return
-    if _MARK_MANIFEST_CHANGED in stderr:
-        raise _ManifestChanged()
-    if code == 255 or code == -1:
-        raise LinkFailed(last_line(stderr) or "the connection closed before the node finished")
-    raise SyncError(
-        f"extracting the tar stream on {conn.describe()} failed (exit {code}): {last_line(stderr) or 'no message'}"
-        " — the node's workdir is unchanged"
-    )
+def _tar_outcome(conn: "Connection", code: int, stderr: str) -> answers.Answers:
+    found = answers.parse(stderr)
+    _node_outcome(conn, found, code, stderr)
+    return found
 
 
 def _stream_tar_openssh(
-    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None",
-    meanwhile: Callable[[], None] | None = None,
-) -> int:
+    conn: "Connection", workdir: Path, pending: PendingScan, paths: Sequence[str], head: bytes, command: str,
+    console: "Console | None", meanwhile: Callable[[], None] | None = None,
+) -> tuple[int, answers.Answers]:
     """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
     `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
     follows as a second archive; `meanwhile` runs while the node swaps the tree in."""
@@ -1257,11 +1190,11 @@ def _stream_tar_openssh(
     with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
         tmp = Path(tmp_name)
         listing = tmp / "files"
-        listing.write_bytes(_nul_list(pending.paths))
+        listing.write_bytes(_nul_list(paths))
         stderr_path = tmp / "stderr"
         with open(stderr_path, "wb") as stderr_file:
             ssh = subprocess.Popen(
-                [*conn.ssh_argv(), conn.destination, f"sh -c {shlex.quote(script)}"],
+                [*conn.ssh_argv(), conn.destination, command],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr_file,
             )
             tar_argv = ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)]
@@ -1327,16 +1260,17 @@ def _stream_tar_openssh(
     hashing.join()
     if broken and code == 0:
         code = -1
-    _tar_outcome(conn, code, stderr)
+    found = _tar_outcome(conn, code, stderr)
     if tar_code not in (0, 1):  # 1: a file changed while it was read; the next sync settles it
         raise SyncError(f"tar could not read the workdir (exit {tar_code}): {last_line(tar_stderr)}")
-    return sent
+    return sent, found
 
 
 def _stream_tar_paramiko(
-    conn: "Connection", workdir: Path, pending: PendingScan, head: bytes, script: str, console: "Console | None",
+    conn: "Connection", workdir: Path, pending: PendingScan, paths: Sequence[str], head: bytes, command: str,
+    console: "Console | None",
     meanwhile: Callable[[], None] | None = None,  # run by the caller afterwards: nothing to overlap here
-) -> int:
+) -> tuple[int, answers.Answers]:
     """Python's tarfile writing into a paramiko channel: needs neither a local tar nor
     OpenSSH."""
     import io
@@ -1346,7 +1280,7 @@ def _stream_tar_paramiko(
 
     manifest = pending.finish()
     try:
-        channel = conn.exec_channel(f"sh -c {shlex.quote(script)}")
+        channel = conn.exec_channel(command)
     except TargetUnreachable as exc:
         raise LinkFailed(str(exc)) from None
     writer = _ChannelWriter(channel)
@@ -1356,7 +1290,7 @@ def _stream_tar_paramiko(
             buffered = io.BufferedWriter(writer, buffer_size=1 << 20)  # type: ignore[arg-type]
             buffered.write(head)
             with tarfile.open(fileobj=buffered, mode="w|", format=tarfile.GNU_FORMAT) as archive:
-                for rel in sorted(manifest.entries):
+                for rel in sorted(paths):
                     full = workdir / rel
                     try:
                         info = archive.gettarinfo(str(full), arcname=rel)
@@ -1387,8 +1321,8 @@ def _stream_tar_paramiko(
         raise LinkFailed(str(exc) or type(exc).__name__) from None
     finally:
         channel.close()
-    _tar_outcome(conn, code, b"".join(stderr_chunks).decode("utf-8", "replace"))
-    return writer.sent
+    found = _tar_outcome(conn, code, b"".join(stderr_chunks).decode("utf-8", "replace"))
+    return writer.sent, found
 
 
 class _ChannelWriter:
