@@ -17,6 +17,7 @@ from trainstack import contract
 from trainstack.autostop import NodeSnapshot, snapshot
 from trainstack.cost import cost_so_far, format_duration, format_usd, planned_price, stack_price
 from trainstack.errors import TrainstackError
+from trainstack.layout import stack_state_dir
 from trainstack.stack import (
     Target,
     known_stacks,
@@ -24,7 +25,6 @@ from trainstack.stack import (
     read_outputs_cache,
     read_stack_config,
     resolve_workdir,
-    stack_state_dir,
 )
 
 #: Seconds to wait for a machine's SSH answer in `ls`: long enough for a distant region,

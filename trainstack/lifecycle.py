@@ -24,14 +24,13 @@ from trainstack.errors import (
     TrainstackError,
     UsageError,
 )
+from trainstack.layout import OUTPUTS_CACHE, stack_state_dir
 from trainstack.stack import (
-    OUTPUTS_CACHE,
     Target,
     parse_outputs,
     read_stack_config,
     resolve_target,
     stack_config_path,
-    stack_state_dir,
     write_outputs_cache,
 )
 
