@@ -578,11 +578,14 @@ class Bench:
         scenario = Scenario(f"fetch {self.options.results_mib} MiB of results")
         ours = scenario.add("invoke fetch", "trainstack")
         rsync = scenario.add("rsync -az down", "baseline", "rsync")
+        before = dict(self.preserved)
         _, run_id = self._start_run(f"python3 scripts/write_results.py {self.options.results_mib}")
         if self._wait_run(run_id) != 0:
             raise RuntimeError("the job writing the results failed")
         self._snapshot_preserved()
-        remote_results = {**self.preserved}
+        all_results = {**self.preserved}
+        # `fetch --run` brings what the run wrote; files planted before it belong to no run.
+        remote_results = {path: entry for path, entry in all_results.items() if before.get(path) != entry}
         results_bytes = sum(e.size for e in remote_results.values())
 
         from trainstack.fetch import local_runs_root
@@ -605,7 +608,7 @@ class Bench:
         def rsync_down() -> Sample:
             sample, out = self.timer.run(self.baselines.rsync_pull(remote_dirs, rsync_dest))
             sample.rsync_bytes = rsync_stat_bytes(out)
-            check = tree.compare(remote_results, tree.local_tree(rsync_dest))
+            check = tree.compare(all_results, tree.local_tree(rsync_dest))
             sample.correct, sample.problem = check.ok, check.summary()
             return sample
 

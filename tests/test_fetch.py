@@ -13,7 +13,7 @@ import pytest
 from trainstack import contract, runs
 from trainstack.connection import Connection
 from trainstack.errors import FetchError, NoSuchRun
-from trainstack.fetch import PARTIAL_DIR, fetch, local_runs_root, unfetched_results
+from trainstack.fetch import OUTSIDE_RUNS, PARTIAL_DIR, fetch, local_runs_root, unfetched_results
 from trainstack.local import LocalTarget
 from trainstack.stack import Target
 
@@ -24,7 +24,7 @@ TRAINING = (
     "echo ü > 'results/with space/ünï.txt' && "
     "head -c 300000 /dev/urandom > checkpoints/step-1.pt && "
     "ln -s step-1.pt checkpoints/latest.pt && "
-    "echo 'epoch 1 done'"
+    "echo 'epoch 1 done' && sleep 0.1"
 )
 
 
@@ -39,6 +39,14 @@ def finish(conn: Connection, command: str = TRAINING) -> str:
 
 def node_workdir(target: Target) -> Path:
     return Path(target.remote_path(contract.Remote.WORKDIR))
+
+
+def written_by_run(target: Target, run_id: str, path: Path, text: str) -> None:
+    """`path` on the node gets `text`, with an mtime inside the run's lifetime: as if the run wrote it."""
+    run_dir = Path(target.remote_path(contract.Remote.RUNS, run_id))
+    start, end = ((run_dir / name).stat().st_mtime_ns for name in ("started_at", "finished_at"))
+    path.write_text(text)
+    os.utime(path, ns=((start + end) // 2,) * 2)
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -83,11 +91,16 @@ def test_fetch_brings_results_and_log_back_byte_for_byte(local_target: Target, c
     again = fetch(local_target, connection, run_id)
     assert again.fetched == 0 and again.unchanged == len(fetched) and again.transport == "none"
 
-    # New results on the node are reported until fetched.
+    # New results on the node are reported until fetched. Written after the run ended (by no
+    # run), they are not the run's: `fetch` brings them apart, `fetch --run` leaves them.
     (node_workdir(local_target) / "results" / "late.json").write_text("{}")
     assert unfetched_results(local_target, connection) == ["results/late.json"]
-    fetch(local_target, connection, run_id)
+    assert fetch(local_target, connection, run_id).fetched == 0
+    assert unfetched_results(local_target, connection) == ["results/late.json"]
+    fetch(local_target, connection)
     assert unfetched_results(local_target, connection) == []
+    assert (local_runs_root(local_target) / OUTSIDE_RUNS / "results" / "late.json").read_text() == "{}"
+    assert not (destination / "results" / "late.json").exists()
 
 
 def test_files_fetched_before_and_untouched_are_updated(local_target: Target, connection: Connection) -> None:
@@ -113,8 +126,9 @@ def test_fetch_never_overwrites_a_local_edit_silently(local_target: Target, conn
     assert quiet.conflicts == [] and local.read_text() == "my annotated copy\n"
 
     # The node now has another version: the edit still stays, and fetch says so.
-    (node_workdir(local_target) / "results" / "metrics.json").write_text('{"acc": 0.97}\n')
-    (node_workdir(local_target) / "results" / "eval" / "curve.csv").write_text("step,loss\n1,0.5\n")
+    written_by_run(local_target, run_id, node_workdir(local_target) / "results" / "metrics.json", '{"acc": 0.97}\n')
+    written_by_run(local_target, run_id, node_workdir(local_target) / "results" / "eval" / "curve.csv",
+                   "step,loss\n1,0.5\n")
     with pytest.raises(FetchError, match=r"results/metrics\.json.*move them aside"):
         fetch(local_target, connection, run_id)
     assert local.read_text() == "my annotated copy\n"

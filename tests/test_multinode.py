@@ -333,7 +333,10 @@ def test_down_checks_every_node_and_fetch_brings_every_nodes_results_back(
     done = invoke(project_dir, "down", "-s", "local", "--fetch")
     assert done.returncode == 0, done.stderr
     runs_root = project_dir / "runs" / "local" / run_id
-    assert (runs_root / "node-2" / "results" / "only-on-2.txt").read_text() == "rank 2's own\n"
+    # Written by hand after the run, not by it: it lands apart from the run's files.
+    outside = project_dir / "runs" / "local" / "_outside-runs"
+    assert (outside / "node-2" / "results" / "only-on-2.txt").read_text() == "rank 2's own\n"
+    assert not (runs_root / "node-2" / "results" / "only-on-2.txt").exists()
     for rank in range(NODES):
         assert json.loads((runs_root / f"node-{rank}" / "results" / "env.json").read_text())["TRAINSTACK_NODE_RANK"] == str(rank)
     assert all(nodes.sshd_pid(index) is None for index in range(NODES))

@@ -780,10 +780,13 @@ def fetch_nodes(
         with Connection(target, 0, notify=notify) as conn:
             fetch(target, conn, run_id=run_id, console=console)
         return
+    # Without a run named, each node also brings what no fetch has brought back (down --fetch).
+    everything = run_id is None
     if run_id is None:
         with Connection(target, 0, notify=notify) as head:
             run_id = show_run(head).run_id
     for index in range(target.node_count) if all_nodes else [rank]:
         node_target = target.for_node(index)
         with Connection(node_target, index, notify=notify) as conn:
-            fetch(node_target, conn, run_id=run_id, console=console, subdir=f"node-{index}")
+            fetch(node_target, conn, run_id=run_id, console=console, subdir=f"node-{index}",
+                  bring_unfetched=everything)
