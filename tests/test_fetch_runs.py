@@ -18,7 +18,7 @@ import pytest
 from trainstack import contract, runs
 from trainstack.connection import Connection
 from trainstack.errors import TrainstackError
-from trainstack.fetch import PARTIAL_DIR, RECORD_FILE, fetch, local_runs_root, unfetched_results
+from trainstack.fetch import RECORD_FILE, fetch, local_runs_root, unfetched_results
 from trainstack.stack import Target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,24 +121,35 @@ def test_fetch_puts_every_file_under_the_run_that_wrote_it(local_target: Target,
     assert unfetched_results(local_target, connection) == []
 
 
-def test_fetch_is_incremental(local_target: Target, connection: Connection) -> None:
+def test_results_of_no_run_are_fetched_before_any_run(local_target: Target, connection: Connection) -> None:
+    (node_workdir(local_target) / "checkpoints").mkdir(parents=True)
+    (node_workdir(local_target) / "checkpoints" / "base.pt").write_bytes(b"pretrained")
+    result = fetch(local_target, connection)  # what `down --fetch` does on a machine that never trained
+    assert result.run_id == "_outside-runs" and result.fetched == 1
+    assert files_under(local_runs_root(local_target)) == {"_outside-runs/checkpoints/base.pt": b"pretrained"}
+    assert unfetched_results(local_target, connection) == []
+
+
+@pytest.mark.parametrize("transport", ["rsync", "tar"])
+def test_fetch_is_incremental(local_target: Target, connection: Connection, transport: str) -> None:
     size = 2_000_000
     first = finish(connection, f"mkdir -p checkpoints && head -c {size} /dev/urandom > checkpoints/epoch-1.pt")
-    fetch(local_target, connection)
+    fetch(local_target, connection, transport=transport)
     copy = local_runs_root(local_target) / first / "checkpoints" / "epoch-1.pt"
     before = copy.stat()
 
     second = finish(connection, "mkdir -p results && echo 0.9 > results/acc.txt")
-    result = fetch(local_target, connection)
+    result = fetch(local_target, connection, transport=transport)
 
     assert result.run_id == second
     assert result.fetched == 2  # results/acc.txt and the log: nothing of the first run crosses again
     assert result.bytes_received < 50_000
     after = copy.stat()
-    assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == (before.st_ino, before.st_mtime_ns, before.st_ctime_ns)
+    untouched = (before.st_ino, before.st_mtime_ns, before.st_ctime_ns)
+    assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == untouched
     assert not (local_runs_root(local_target) / second / "checkpoints").exists()
 
-    again = fetch(local_target, connection)
+    again = fetch(local_target, connection, transport=transport)
     assert again.fetched == 0 and again.transport == "none"
 
 

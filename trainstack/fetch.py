@@ -123,16 +123,23 @@ class Survey:
     runs: list[RunSpan]
     results: dict[str, RemoteFile]
     logs: dict[str, RemoteFile]
+    _owners: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def owner(self, mtime_ns: int) -> RunSpan | None:
         """The run that wrote a file of this mtime: the latest started whose lifetime holds it."""
         holding = [span for span in self.runs if span.holds(mtime_ns)]
         return max(holding, key=lambda span: span.start_ns or 0) if holding else None
 
+    def owner_id(self, rel: str) -> str | None:
+        """The id of the run that wrote results file `rel` (None: no run)."""
+        if rel not in self._owners:
+            self._owners[rel] = _run_id(self.owner(self.results[rel].mtime_ns))
+        return self._owners[rel]
+
     def files_of(self, span: RunSpan | None) -> dict[str, RemoteFile]:
         """The results files `span` wrote (None: those no run wrote), and its log as `log`."""
         key = span.run_id if span else None
-        files = {rel: info for rel, info in self.results.items() if _run_id(self.owner(info.mtime_ns)) == key}
+        files = {rel: info for rel, info in self.results.items() if self.owner_id(rel) == key}
         if span is not None and span.run_id in self.logs:
             files[LOG_NAME] = self.logs[span.run_id]
         return files
@@ -215,7 +222,7 @@ def fetch(
     if mode not in ("auto", "rsync", "tar"):
         raise FetchError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
     if mode == "rsync" and shutil.which("rsync") is None:
-        raise FetchError("rsync is not installed here: install it (apt-get install rsync) or set TRAINSTACK_FETCH_TRANSPORT=tar")
+        raise FetchError(f"rsync is not installed here: install it (apt-get install rsync) or set {ENV_TRANSPORT}=tar")
     if run_id is not None:
         from trainstack.runs import check_run_id
 
@@ -296,7 +303,7 @@ def _groups(
     owners: list[RunSpan | None] = [span]
     if everything:
         missing = {
-            _run_id(node.owner(info.mtime_ns)) for rel, info in node.results.items()
+            node.owner_id(rel) for rel, info in node.results.items()
             if record.results.get(_result_key(node_index, rel)) != [info.size, info.mtime_ns]
         }
         owners += [other for other in node.runs if other.run_id in missing and other is not span]
@@ -450,7 +457,8 @@ def _elsewhere_message(target: "Target", span: RunSpan, elsewhere: dict[str, int
     missing = [r for r in results if not any(rel == r or rel.startswith(r + "/") for rel in node.results)]
     state = ", none of which exists on the machine," if len(missing) == len(results) else ""
     places = ", ".join(
-        f"{top} ({count} file{'s' if count != 1 else ''})" if top.endswith("/") else top for top, count in elsewhere.items()
+        f"{top} ({count} file{'s' if count != 1 else ''})" if top.endswith("/") else top
+        for top, count in elsewhere.items()
     )
     wider = ", ".join([*results, *(top.rstrip("/") for top in elsewhere)])
     return (
@@ -515,7 +523,9 @@ def survey(target: "Target", conn: "Connection", *, with_runs: bool = True) -> S
             )
         if status != 0:
             answer = "\n".join(lines[1:]).strip()
-            raise FetchError(f"listing the runs on {conn.describe()} failed (exit code {status}): {answer or 'no answer'}")
+            raise FetchError(
+                f"listing the runs on {conn.describe()} failed (exit code {status}): {answer or 'no answer'}"
+            )
         times, _, out = rest.partition(_SEPARATOR)
         spans, logs = _spans(lines[1:], times)
     results_listing: dict[str, RemoteFile] = {}
@@ -871,7 +881,8 @@ def _receive_tar(
         with Progress(console, total, "fetch") as bar, tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
                 rel = member.name
-                if rel not in allowed or posixpath.isabs(rel) or ".." in rel.split("/") or _blocked(destination, rel, {}):
+                unexpected = rel not in allowed or posixpath.isabs(rel) or ".." in rel.split("/")
+                if unexpected or _blocked(destination, rel, {}):
                     raise FetchError(f"the node sent an unexpected file {rel!r}; nothing of it was written")
                 if not (member.issym() or member.isfile()):
                     continue
