@@ -100,6 +100,24 @@ def test_fetch_of_an_old_run_brings_only_what_that_run_wrote(local_target: Targe
     assert "no longer on the machine" in said.text
 
 
+def test_a_fetched_file_rewritten_by_a_later_run_keeps_its_copy_and_is_named(
+    local_target: Target, connection: Connection
+) -> None:
+    first = finish(connection, "mkdir -p results && echo v1 > results/metrics.json")
+    fetch(local_target, connection, first)
+    second = finish(connection, "echo v2-longer > results/metrics.json")
+    said = Said()
+    result = fetch(local_target, connection, first, console=said)
+    copy = local_runs_root(local_target) / first / "results" / "metrics.json"
+    assert result.fetched == 0 and copy.read_text() == "v1\n"  # the first run's copy is never replaced
+    assert result.rewritten == {"results/metrics.json": second}
+    assert f"the copy fetched earlier stays in {copy}" in said.text
+    # The second run's version lands in its own folder.
+    fetch(local_target, connection)
+    assert (local_runs_root(local_target) / second / "results" / "metrics.json").read_text() == "v2-longer\n"
+    assert copy.read_text() == "v1\n"
+
+
 def test_fetch_puts_every_file_under_the_run_that_wrote_it(local_target: Target, connection: Connection) -> None:
     workdir = node_workdir(local_target)
     (workdir / "checkpoints").mkdir(parents=True)
