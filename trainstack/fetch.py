@@ -238,11 +238,11 @@ def fetch(
     if span is not None:
         result.rewritten = _rewritten(node, span, record.run_files(main.key), main.files)
     use_tar = mode == "tar" or (mode == "auto" and shutil.which("rsync") is None)
-
+    session = _Session(target, conn, record, result, mode, use_tar, console, bwlimit_kbps)
     for group in groups:
         if group is not main:
             result.others.append(group.label)
-        use_tar = _fetch_group(target, conn, group, record, result, mode, use_tar, console, bwlimit_kbps)
+        session.bring(group)
 
     if span is not None and not any(rel != LOG_NAME for rel in main.files):
         result.elsewhere = _written_elsewhere(target, conn, node, span)
@@ -254,6 +254,12 @@ def fetch(
     _report_rewritten(console, result, record.run_files(main.key))
     if span is not None and result.elsewhere:
         say(console, _elsewhere_message(target, span, result.elsewhere, node))
+    _raise_kept(target, result)
+    return result
+
+
+def _raise_kept(target: "Target", result: FetchResult) -> None:
+    """Fail, in one line, when local files were kept in the node's version's place."""
     problems = []
     if result.conflicts:
         problems.append(
@@ -269,7 +275,6 @@ def fetch(
         )
     if problems:
         raise FetchError("; ".join(problems))
-    return result
 
 
 def _few(paths: Sequence[str]) -> str:
@@ -320,49 +325,62 @@ def _groups(
     return groups
 
 
-def _fetch_group(
-    target: "Target", conn: "Connection", group: _Group, record: "_Record", result: FetchResult,
-    mode: str, use_tar: bool, console: "Console | None", bwlimit_kbps: int | None,
-) -> bool:
-    """Bring one folder's files; its record is saved as soon as they are here. Returns
-    whether tar is the transport from now on (rsync turned out missing on the node)."""
-    listing = group.files
-    wanted, conflicts, edited, blocked = _decide(group.destination, listing, record.run_files(group.key))
-    result.files += len(listing)
-    result.bytes_total += sum(f.size for f in listing.values())
-    result.unchanged += len(listing) - len(wanted) - len(conflicts) - len(blocked)
-    result.conflicts += [_shown(group, rel, result) for rel in conflicts]
-    result.blocked += [_shown(group, rel, result) for rel in blocked]
-    changing: list[str] = []
-    if wanted:
-        group.destination.mkdir(parents=True, exist_ok=True)
-        if not use_tar:
+@dataclass
+class _Session:
+    """One fetch: where from, how, and what it has done so far."""
+
+    target: "Target"
+    conn: "Connection"
+    record: "_Record"
+    result: FetchResult
+    mode: str  # auto | rsync | tar
+    use_tar: bool
+    console: "Console | None" = None
+    bwlimit_kbps: int | None = None
+
+    def bring(self, group: _Group) -> None:
+        """Bring one folder's files; its record is saved as soon as they are here."""
+        result, listing = self.result, group.files
+        wanted, conflicts, edited, blocked = _decide(group.destination, listing, self.record.run_files(group.key))
+        result.files += len(listing)
+        result.bytes_total += sum(f.size for f in listing.values())
+        result.unchanged += len(listing) - len(wanted) - len(conflicts) - len(blocked)
+        result.conflicts += [_shown(group, rel, result) for rel in conflicts]
+        result.blocked += [_shown(group, rel, result) for rel in blocked]
+        changing: list[str] = []
+        if wanted:
+            group.destination.mkdir(parents=True, exist_ok=True)
+            result.bytes_received += self._transfer(group, wanted)
+            result.fetched += len(wanted)
+            changing = _verify(self.target, self.conn, group, wanted)
+            result.still_changing += [_shown(group, rel, result) for rel in changing]
+
+        # Record what is here now as the node's version — except files edited here, whose
+        # record must keep saying "not what we fetched".
+        keep_out = set(conflicts) | set(edited) | set(blocked)
+        self.record.remember(
+            group.key, group.destination, {rel: info for rel, info in listing.items() if rel not in keep_out},
+            exact=set(listing) - keep_out - set(changing), node=self.conn.node_index,
+        )
+        self.record.save()
+
+    def _transfer(self, group: _Group, wanted: Sequence[str]) -> int:
+        """rsync, else (not installed here, or missing on the node) tar; bytes received."""
+        conn = self.conn
+        if not self.use_tar:
             try:
-                result.bytes_received += _fetch_rsync(target, conn, group, wanted, console, bwlimit_kbps)
-                result.transport = "rsync"
+                received = _fetch_rsync(self.target, conn, group, wanted, self.console, self.bwlimit_kbps)
+                self.result.transport = "rsync"
+                return received
             except _RsyncMissing:
-                if mode == "rsync":
+                if self.mode == "rsync":
                     raise FetchError(
                         f"rsync is not installed on {conn.describe()}: install it there or set {ENV_TRANSPORT}=tar"
                     ) from None
-                say(console, f"rsync is missing on {conn.describe()}: fetching with tar instead")
-                use_tar = True
-        if use_tar:
-            result.bytes_received += _fetch_tar(target, conn, group, wanted, console)
-            result.transport = "tar"
-        result.fetched += len(wanted)
-        changing = _verify(target, conn, group, wanted)
-        result.still_changing += [_shown(group, rel, result) for rel in changing]
-
-    # Record what is here now as the node's version — except files edited here, whose
-    # record must keep saying "not what we fetched".
-    keep_out = set(conflicts) | set(edited) | set(blocked)
-    record.remember(
-        group.key, group.destination, {rel: info for rel, info in listing.items() if rel not in keep_out},
-        exact=set(listing) - keep_out - set(changing), node=conn.node_index,
-    )
-    record.save()
-    return use_tar
+                say(self.console, f"rsync is missing on {conn.describe()}: fetching with tar instead")
+                self.use_tar = True
+        self.result.transport = "tar"
+        return _fetch_tar(self.target, conn, group, wanted, self.console)
 
 
 def _shown(group: _Group, rel: str, result: FetchResult) -> str:
