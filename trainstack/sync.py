@@ -579,20 +579,32 @@ def _state_record(path: str, entry: Entry) -> bytes:
     return b"f %d %d %s\0" % (entry.size, entry.mtime_ns // 1_000_000_000, rel)
 
 
-def _owned_records(paths: Iterable[str], manifests: Sequence[Manifest]) -> bytes:
+def _owned_records(paths: Iterable[str], manifests: Sequence[Manifest], interrupted: bool = True) -> bytes:
     """Every state sync may have left each path in (one per manifest that lists it), in
-    the order of `paths`: a path on the node in any other state is not sync's to change."""
+    the order of `paths`: a path on the node in any other state is not sync's to change.
+    `interrupted`: the node may hold what an interrupted sync left half-way."""
     out: list[bytes] = []
     for path in paths:
         seen: set[bytes] = set()
         for manifest in manifests:
             entry = manifest.entries.get(path)
-            if entry is not None:
-                record = _state_record(path, entry)
+            if entry is None:
+                continue
+            records = [_state_record(path, entry)]
+            if interrupted and entry.kind != SYMLINK:
+                # A sync resets the mtime of a file whose content changed behind rsync's quick
+                # check (sync-rsync.sh); one interrupted right after leaves it so.
+                records.append(_state_record(path, entry._replace(mtime_ns=0)))
+            for record in records:
                 if record not in seen:
                     seen.add(record)
                     out.append(record)
     return b"".join(out)
+
+
+def _kib_needed(size: int) -> int:
+    """KiB a node needs free to take `size` bytes of files (block rounding, the manifest)."""
+    return size // 1024 + 256
 
 
 def _sync_id() -> str:
@@ -756,12 +768,13 @@ class _RsyncPush:
         check = plan.check_paths()
         blobs = [
             current.header_line(), b"".join(removed), b"".join(added),
-            _nul_list("./" + p for p in check), _owned_records(check, plan.owned_from),
+            _nul_list("./" + p for p in check), _owned_records(check, plan.owned_from, interrupted=not plan.check),
             _nul_list(plan.delete), _nul_list(plan.force), _nul_list(plan.rmdirs()),
         ]
         expect = "any" if not plan.check else (plan.expected_digest or "none")
+        total = sum(current.entries[p].size for p in plan.send if p in current.entries)
         rsync_path = scripts.command("sync-rsync.sh", [
-            r.root, r.workdir, expect, str(LOCK_WAIT_SECONDS), plan.kept_id, patch_base,
+            r.root, r.workdir, expect, str(LOCK_WAIT_SECONDS), plan.kept_id, str(_kib_needed(total)), patch_base,
             ",".join(str(len(b)) for b in blobs), "--",
         ])
         head = tmp / "head"
@@ -769,7 +782,6 @@ class _RsyncPush:
         fifo = tmp / "stream"
         os.mkfifo(fifo, 0o600)
         rsh = ["sh", "-c", _RELAY, str(head), str(fifo), *self.conn.ssh_argv()]
-        total = sum(plan.new_manifest.entries[p].size for p in plan.send if p in plan.new_manifest.entries)
         outcome = self._run(self.argv(files_from, rsync_path=rsync_path, rsh=rsh), tmp, total)
         outcome.bytes_sent += head.stat().st_size  # our blobs travel ahead of rsync's stream
         return outcome
@@ -831,13 +843,13 @@ class _StreamPush:
         r = self.remote
         check = plan.check_paths()
         args = [
-            r.root, r.workdir, plan.expected_digest or "none", str(LOCK_WAIT_SECONDS), plan.kept_id,
+            r.root, r.workdir, plan.expected_digest or "none", str(LOCK_WAIT_SECONDS), plan.kept_id, "0",
             *("./" + p for p in check),
         ]
         script = scripts.inline("sync-apply.sh", args)
         if len(script.encode("utf-8", "surrogateescape")) > STREAM_MAX_SCRIPT_BYTES:
             return None
-        archive = self._archive(plan, _owned_records(check, plan.owned_from))
+        archive = self._archive(plan, _owned_records(check, plan.owned_from, interrupted=False))
         if archive is None:
             return None
         session, self.session = self.session, None
@@ -1104,7 +1116,8 @@ def _push_tar(
         result.changes = sorted(result.changes + [f"- {p}" for p in delete], key=lambda c: c[2:])
         if dry_run:
             return
-        args = [remote.root, remote.workdir, expect, str(LOCK_WAIT_SECONDS), kept_id]
+        needed = sum(pending.found[p][2].st_size for p in send if p in pending.found)
+        args = [remote.root, remote.workdir, expect, str(LOCK_WAIT_SECONDS), kept_id, str(_kib_needed(needed))]
         try:
             sent, found = stream(conn, workdir, pending, send, head, scripts.command("sync-apply.sh", args), console, meanwhile)
             break

@@ -2,12 +2,13 @@
 # The node side of a sync that ships files as a tar stream (a small change set, the
 # first sync, or any sync when rsync is missing). Sent after sync-lib.sh as `sh -c`'s text.
 #
-# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID [PATH...]
+# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID NEED_KIB [PATH...]
 #   ROOT      <remote_root>; the manifest, lock, scratch and kept/ live there
 #   WORKDIR   the synced project's directory on the node
 #   EXPECT    the digest of the manifest the node must hold, or "none" (a first sync)
 #   WAIT      seconds to wait for another sync's lock
 #   KEPT_ID   the name of this sync's directory under kept/, should anything be moved aside
+#   NEED_KIB  the space the files need on the node (0: no check before the stream)
 #   PATH...   "./path" of every file this sync writes or deletes, when the laptop lists them
 #             here (a small change set); else the stream's .trainstack/check, or for a
 #             first sync the stream's own files
@@ -19,13 +20,14 @@
 # Nothing in the workdir changes until the whole stream has arrived. A file at a path this
 # sync writes that sync did not put there (or that changed since) is moved to
 # ROOT/kept/KEPT_ID/path first; one that a deletion would remove is left where it is.
-root=$1 w=$2 expect=$3 wait=$4 kept_id=$5
-shift 5
+root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 need=$6
+shift 6
 m="$root/.trainstack-manifest.json"
 
 mkdir -p "$root" || answer failed "cannot create $root"
 sync_lock "$root" "$wait"
 check_manifest "$m" "$expect"
+[ "$need" -gt 0 ] && need_space "$root" "$need"
 s=$(scratch_dir "$root/.trainstack-sync.tmp" apply) || exit 3
 trap 'rm -rf "$s"' EXIT
 # A client that vanishes (SIGHUP, a broken pipe) ends the script through its EXIT trap.

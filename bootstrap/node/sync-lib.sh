@@ -112,6 +112,13 @@ only_in() {
   LC_ALL=C sort -z -u "$1" | LC_ALL=C comm -z -12 - "$2.sorted" > "$3"
 }
 
+# need_space DIR KIB: refuse, before anything changes, a sync that cannot fit.
+need_space() {
+  avail=$(df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }')
+  case $avail in ''|*[!0-9]*) return 0 ;; esac
+  [ "$avail" -ge "$2" ] || answer disk-full "$avail"
+}
+
 # is_disk_full TEXT: whether an error message says the disk (or its inodes) ran out.
 is_disk_full() {
   case $1 in

@@ -2,9 +2,10 @@
 # The node side of a sync by rsync: run as rsync's remote command (`--rsync-path`), around
 # the real `rsync --server`. Sent after sync-lib.sh as `sh -c`'s text.
 #
-# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID PATCH_BASE SIZES -- <rsync's server arguments>
+# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID NEED_KIB PATCH_BASE SIZES -- <rsync's server arguments>
 #   EXPECT      the digest of the manifest the node must hold; "none": it must hold none;
 #               "any": the laptop read the node's manifests and planned against all of them
+#   NEED_KIB    the space the files rsync sends need on the node (its temporary copies)
 #   PATCH_BASE  "node": the new manifest is a patch of the node's; "whole": it is whole
 #   SIZES       the byte sizes of the blobs at the head of stdin, comma-separated, in order:
 #               header, lines to drop, lines to add, check, owned, delete, force, rmdir
@@ -15,8 +16,8 @@
 # changed on the node since it was shipped), and mtimes reset where a content change kept
 # size and mtime (rsync's quick check would miss it). The new manifest is installed only
 # when rsync succeeded.
-root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 patch_base=$6 sizes=$7
-shift 7
+root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 need=$6 patch_base=$7 sizes=$8
+shift 8
 [ "$1" = -- ] && shift
 m="$root/.trainstack-manifest.json"
 
@@ -29,6 +30,7 @@ take() {
 mkdir -p "$root" "$w" || answer failed "cannot create $w"
 sync_lock "$root" "$wait"
 [ "$expect" = any ] || check_manifest "$m" "$expect"
+need_space "$root" "$need"
 s=$(scratch_dir "$root/.trainstack-sync.tmp" rsync) || exit 3
 trap 'rm -rf "$s"' EXIT
 # A client that vanishes (SIGHUP, a broken pipe) ends the script through its EXIT trap.
