@@ -42,7 +42,7 @@ def _target_and_node(stack: str | None, workdir: str | None, node: object):
 
 
 def _connection(target, node: int = 0):
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
     return Connection(target, node, notify=note)
 
@@ -215,14 +215,14 @@ def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
 def ssh(c, stack=None, workdir=None, node=None):
     """Open a shell on a node, in the synced workdir."""
     import os
-    import shlex
+
+    from trainstack.remote.shell import interactive_argv
 
     target = _target(stack, workdir)
     index = _int_option("node", node) or 0
     target = target.for_node(index)  # on the local target each node has a root of its own
     conn = _connection(target, index)
-    remote = f"cd {shlex.quote(target.remote_path('workdir'))} 2>/dev/null; exec \"${{SHELL:-bash}}\" -l"
-    argv = [*conn.ssh_argv(), *(["-t"] if sys.stdin.isatty() else []), conn.destination, remote]
+    argv = interactive_argv(conn, target.remote_path("workdir"), tty=sys.stdin.isatty())
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(argv[0], argv)

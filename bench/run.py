@@ -250,7 +250,7 @@ class Bench:
         return proc.stdout.decode()
 
     def _stop_master(self) -> None:
-        from trainstack.connection import Connection
+        from trainstack.remote.connection import Connection
 
         connection = Connection(self.target)
         connection.stop_master()

@@ -67,7 +67,7 @@ def local_target(local_sshd: LocalTarget, project_dir: Path, workdir: Path, monk
 
 @pytest.fixture
 def connection(local_target):
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
     with Connection(local_target) as conn:
         yield conn

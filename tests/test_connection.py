@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import HostKeyMismatch, RemoteCommandFailed, TargetUnreachable
 from trainstack.local import free_port
 
@@ -247,7 +247,7 @@ def _effective_ciphers(argv: list[str]) -> list[str]:
 
 def test_ciphers_are_openssh_defaults_reordered(local_target) -> None:
     """The same cipher set OpenSSH offers by default, AES-GCM first where the CPU has AES."""
-    from trainstack.connection import _cpu_has_aes
+    from trainstack.remote.connection import _cpu_has_aes
 
     ours = _effective_ciphers(Connection(local_target, control_persist=0).ssh_argv())
     default = _effective_ciphers(["ssh", "-F", "/dev/null"])
@@ -262,7 +262,7 @@ def test_ciphers_are_openssh_defaults_reordered(local_target) -> None:
 
 
 def test_cpu_features_decide_the_cipher_order(tmp_path: Path) -> None:
-    from trainstack.connection import _cpu_has_aes
+    from trainstack.remote.connection import _cpu_has_aes
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract, runs
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import FetchError, NoSuchRun
 from trainstack.fetch import OUTSIDE_RUNS, PARTIAL_DIR, fetch, local_runs_root, unfetched_results
 from trainstack.local import LocalTarget

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract, runs
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import TrainstackError
 from trainstack.fetch import RECORD_FILE, fetch, local_runs_root, unfetched_results
 from trainstack.stack import Target
@@ -252,7 +252,7 @@ def test_results_written_outside_the_results_dirs_are_named(local_target: Target
 CHILD = r"""
 import hashlib, json, os, sys
 from pathlib import Path
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import TrainstackError
 from trainstack.fetch import fetch, local_runs_root
 from trainstack.stack import resolve_target

@@ -60,10 +60,14 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             candidates = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         for candidate in candidates:
-            # `import a.b.c` runs a, a.b and a.b.c.
+            # `import a.b.c` runs a, a.b and a.b.c — except the importer's own enclosing
+            # packages, which Python has initialised before the importer itself ran; a
+            # name taken from one of them (`from a import x` inside a.b) still counts.
             parts = candidate.split(".")
             for end in range(1, len(parts) + 1):
                 prefix = ".".join(parts[:end])
+                if name.startswith(prefix + ".") and prefix != candidate:
+                    continue
                 if prefix in known and prefix != name:
                     targets.add(prefix)
     return targets

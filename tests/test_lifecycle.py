@@ -198,7 +198,7 @@ def exp1(local_sshd: LocalTarget, project_dir: Path, workdir: Path):
 
 
 def start_sleeping_run(project_dir: Path, stack: str) -> str:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import start_run
 
     target = resolve_target(stack, project_dir=project_dir)
@@ -207,7 +207,7 @@ def start_sleeping_run(project_dir: Path, stack: str) -> str:
 
 
 def stop_runs(project_dir: Path, stack: str) -> None:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import active_runs, stop_run
 
     target = resolve_target(stack, project_dir=project_dir)
@@ -272,7 +272,7 @@ def test_down_of_the_local_target_checks_it_the_same_way(local_target, project_d
 
 
 def run_to_end(project_dir: Path, stack: str, command: str) -> str:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import show_run, start_run
 
     target = resolve_target(stack, project_dir=project_dir)
@@ -286,7 +286,7 @@ def run_to_end(project_dir: Path, stack: str, command: str) -> str:
 
 
 def real_fetch(target) -> None:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.fetch import fetch
 
     with Connection(target) as conn:
@@ -317,7 +317,7 @@ def test_down_refuses_a_result_changed_since_the_last_fetch(exp1: RecordingEngin
     real_fetch(resolve_target("exp1", project_dir=project_dir))
 
     # Fetched: nothing would be lost.
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
     target = resolve_target("exp1", project_dir=project_dir)
     with Connection(target) as conn:

@@ -79,7 +79,7 @@ def test_up_says_what_it_costs_before_calling_pulumi(project_dir: Path) -> None:
 
 
 def test_ls_status_and_down_on_the_local_target(local_target, project_dir: Path, local_sshd: LocalTarget) -> None:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import start_run, stop_run
 
     with Connection(local_target) as conn:
@@ -126,7 +126,7 @@ def test_down_fetch_brings_results_back_then_destroys(local_target, project_dir:
                                                       local_sshd: LocalTarget) -> None:
     import time
 
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import show_run, start_run
 
     with Connection(local_target) as conn:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract, local
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import OutputsMissing, UsageError
 from trainstack.local import LocalTarget
 from trainstack.stack import resolve_target
@@ -144,7 +144,7 @@ def test_local_target_works_for_a_normal_user(tmp_path: Path) -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "from trainstack import local\n"
-        "from trainstack.connection import Connection\n"
+        "from trainstack.remote.connection import Connection\n"
         "from trainstack.stack import resolve_target\n"
         "project = Path(sys.argv[1])\n"
         "local.up(project)\n"

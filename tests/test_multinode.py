@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from trainstack import cluster, contract, local
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.deps import install_dependencies
 from trainstack.errors import UsageError
 from trainstack.local import LocalTarget
@@ -479,18 +479,19 @@ def test_nodes_of_one_command_share_one_listing_of_the_tree(
     """Syncing N nodes lists, stats and hashes the local tree once (sync.LocalTree), and
     every node still ends up with the whole tree, then with the same edit."""
     from trainstack import sync as sync_module
+    from trainstack.sync import record as sync_record
 
     (workdir / "pkg").mkdir()
     for i in range(20):
         (workdir / "pkg" / f"m{i}.py").write_text(f"# {i}\n")
     listings: list[Path] = []
-    real_select = sync_module.select_files
+    real_select = sync_record.select_files
 
     def counting_select(root: Path, exclude: object = ()) -> object:
         listings.append(Path(root))
         return real_select(root, exclude=exclude)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sync_module, "select_files", counting_select)
+    monkeypatch.setattr(sync_record, "select_files", counting_select)
     target = resolve_target("local", workdir=str(workdir), project_dir=project_dir)
     for edit in ("first", "second"):
         (workdir / "pkg" / "m0.py").write_text(f"# {edit}\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract, runs
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.deps import install_dependencies
 from trainstack.errors import NoSuchRun, RunActive, UsageError
 

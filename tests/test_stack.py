@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract, local
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import OutputsMissing, PulumiCliError, StackNotFound, UsageError
 from trainstack.stack import resolve_stack_name, resolve_target, stack_state_dir
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import TrainstackError
 from trainstack.local import LocalTarget
 from trainstack.manifest import Manifest
 from trainstack.selection import select_files
 from trainstack.stack import Target
-from trainstack.sync import _read_remote_header, _RemoteLayout, sync
+from trainstack.sync import RemoteLayout, read_remote_header, sync
 
 GIT_ENV = {
     "GIT_CONFIG_GLOBAL": os.devnull,
@@ -513,7 +513,7 @@ def test_sshd_killed_during_sync_then_a_retry_completes(
     for i in range(50):
         write(workdir, f"src/m{i}.py", f"# module {i}\n")
     remote = remote_workdir(local_target)
-    layout = _RemoteLayout.of(local_target)
+    layout = RemoteLayout.of(local_target)
 
     errors: list[BaseException] = []
 
@@ -537,7 +537,7 @@ def test_sshd_killed_during_sync_then_a_retry_completes(
     local_sshd.start_sshd()
     with Connection(local_target) as conn:
         # The interrupted transfer is not mistaken for a finished one...
-        assert _read_remote_header(conn, layout) is None
+        assert read_remote_header(conn, layout) is None
         result = sync(local_target, conn)
         assert not result.noop
         assert snapshot(remote) == expected_remote(local_target)
@@ -606,7 +606,7 @@ def test_node_manifest_patched_in_place_equals_the_local_record(
     assert result.bytes_sent < 2000
     parsed = Manifest.read(node_manifest)
     assert parsed is not None and "pkg/new.py" in parsed.entries and "pkg/m7.py" not in parsed.entries
-    assert _read_remote_header(connection, _RemoteLayout.of(local_target)) == parsed.digest
+    assert read_remote_header(connection, RemoteLayout.of(local_target)) == parsed.digest
     assert sync(local_target, connection).noop
 
 
@@ -774,7 +774,7 @@ def node_with_a_stuck_shell(local_sshd: LocalTarget, local_target: Target, tmp_p
 def test_a_node_whose_shell_never_answers_fails_the_sync_in_bounded_time(
     node_with_a_stuck_shell: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainstack import sync as sync_module
+    from trainstack.remote import session as session_module
 
     target = node_with_a_stuck_shell
     write(target.require_workdir(), "a.py", "a")
@@ -784,7 +784,7 @@ def test_a_node_whose_shell_never_answers_fails_the_sync_in_bounded_time(
             pytest.skip("the login shell is not bash: BASH_ENV cannot make it hang")
         assert sync(target, conn).transport == "tar"
         (tmp_path / "stuck").touch()
-        monkeypatch.setattr(sync_module, "SESSION_ANSWER_SECONDS", 1.0)
+        monkeypatch.setattr(session_module, "SESSION_ANSWER_SECONDS", 1.0)
         started = time.monotonic()
         with pytest.raises(TrainstackError, match="did not answer within 3 s"):
             sync(target, conn)
@@ -818,7 +818,7 @@ def test_a_login_shell_that_prints_a_greeting_does_not_confuse_the_session(node_
 def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(
     local_target: Target, connection: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainstack import sync as sync_module
+    from trainstack.sync import via_stream
 
     workdir = local_target.require_workdir()
     write(workdir, "a.py", "a1")
@@ -833,7 +833,7 @@ def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(
     write(workdir, "new.py", "new")
     (workdir / "gone.py").unlink()
     seen: list[dict[str, tuple]] = []
-    real_deliver = sync_module._StreamPush._deliver
+    real_deliver = via_stream.StreamPush._deliver
 
     def killed_half_way(self: object, proc: subprocess.Popen, archive: bytes) -> bytes:
         assert proc.stdin is not None
@@ -845,11 +845,11 @@ def test_stream_killed_mid_way_leaves_the_old_tree_and_the_sync_repairs_it(
         while stream_dirs(local_target) and time.monotonic() < deadline:
             time.sleep(0.05)  # the node's shell notices the broken stream and cleans up
         seen.append(snapshot(remote))
-        monkeypatch.setattr(sync_module._StreamPush, "_deliver", real_deliver)
+        monkeypatch.setattr(via_stream.StreamPush, "_deliver", real_deliver)
         proc.stdin.close()
         return b""
 
-    monkeypatch.setattr(sync_module._StreamPush, "_deliver", killed_half_way)
+    monkeypatch.setattr(via_stream.StreamPush, "_deliver", killed_half_way)
     result = sync(local_target, connection)
 
     assert seen == [before]  # nothing in the workdir changed while the stream was cut

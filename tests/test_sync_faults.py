@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.stack import Target
 from trainstack.sync import sync
 
@@ -33,7 +33,7 @@ KILLS_WANTED = 21
 
 SYNC_PROCESS = """
 import sys
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.stack import resolve_target
 from trainstack.sync import sync
 target = resolve_target("local", workdir=sys.argv[1], project_dir=__import__("pathlib").Path(sys.argv[2]))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trainstack import contract
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import SyncError
 from trainstack.stack import Target
 from trainstack.sync import sync

@@ -171,7 +171,7 @@ def parse_probe(text: str) -> NodeSnapshot:
 
 
 def snapshot(connection: Any, timeout: float = 20.0) -> NodeSnapshot:
-    """Read one node's snapshot through a `trainstack.connection.Connection`."""
+    """Read one node's snapshot through a `trainstack.remote.connection.Connection`."""
     result = connection.run(probe_command(connection.target.outputs.remote_root), timeout=timeout)
     return parse_probe(result.stdout)
 
@@ -179,7 +179,7 @@ def snapshot(connection: Any, timeout: float = 20.0) -> NodeSnapshot:
 def status_lines(target: Any, retry_seconds: float = 10.0) -> list[str]:
     """`auto-stop: ...` and `cost: ...` for `invoke status`, from node 0; none when it is
     unreachable (status reports that already)."""
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.cost import cost_line
     from trainstack.errors import TrainstackError
 

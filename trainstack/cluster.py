@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, TypeVar
 
 from trainstack import contract
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.contract import RunEnv
 from trainstack.errors import (
     BootstrapFailed,

@@ -19,7 +19,7 @@ from trainstack.errors import DependencyInstallFailed
 from trainstack.runs import runner_call
 
 if TYPE_CHECKING:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
 Notify = Callable[[str], None]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainstack.connection import CommandResult
+    from trainstack.remote.connection import CommandResult
 
 
 class TrainstackError(Exception):

@@ -48,7 +48,7 @@ Probe = Callable[[Target], NodeSnapshot]
 
 def probe_node(target: Target) -> NodeSnapshot:
     """Node 0's snapshot over SSH, with no retries: an unreachable machine fails fast."""
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
     with Connection(target, retry_seconds=0, connect_timeout=CONNECT_TIMEOUT) as conn:
         return snapshot(conn, timeout=CONNECT_TIMEOUT * 3)

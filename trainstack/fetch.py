@@ -63,7 +63,7 @@ from trainstack.transfer import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.runs import RunInfo
     from trainstack.stack import Target
 

@@ -330,7 +330,7 @@ def _target_if_up(stack: str, project_dir: Path) -> Target | None:
 def _check_nodes(target: Target, stack: str, check: "UnfetchedCheck", connect_timeout: float) -> list[str]:
     """Every node, on the node itself: refuses while a run is active; the result files no
     fetch brought back (node K's as `node K: path`)."""
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
     missing: list[str] = []
     for index in range(target.node_count):

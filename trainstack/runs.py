@@ -29,7 +29,7 @@ from trainstack.errors import (
 if TYPE_CHECKING:
     import paramiko
 
-    from trainstack.connection import CommandResult, Connection
+    from trainstack.remote.connection import CommandResult, Connection
     from trainstack.stack import Target
 
 Notify = Callable[[str], None]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainstack.connection import KEEPALIVE_COUNT, KEEPALIVE_SECONDS
+from trainstack.remote.connection import KEEPALIVE_COUNT, KEEPALIVE_SECONDS
 from trainstack.stack import Target
 
 INCLUDE_DIRNAME = "trainstack"

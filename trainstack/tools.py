@@ -21,7 +21,7 @@ from trainstack import contract
 from trainstack.errors import RemoteCommandFailed
 
 if TYPE_CHECKING:
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
 
 TOOLS_DIR = Path(__file__).resolve().parent.parent / "bootstrap" / "tools"
 

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from trainstack import contract
-from trainstack.connection import Connection
+from trainstack.remote.connection import Connection
 from trainstack.errors import AuthenticationFailed, BootstrapFailed, TargetUnreachable, WaitTimeout
 from trainstack.stack import Target
 

@@ -5,7 +5,8 @@
 # Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID NEED_KIB [PATH...]
 #   ROOT      <remote_root>; the manifest, lock, scratch and kept/ live there
 #   WORKDIR   the synced project's directory on the node
-#   EXPECT    the digest of the manifest the node must hold, or "none" (a first sync)
+#   EXPECT    the digest of the manifest the node must hold; "none": it must hold none (a
+#             first sync); "any": the laptop read the node's manifests and planned against all
 #   WAIT      seconds to wait for another sync's lock
 #   KEPT_ID   the name of this sync's directory under kept/, should anything be moved aside
 #   NEED_KIB  the space the files need on the node (0: no check before the stream)
@@ -26,7 +27,7 @@ m="$root/.trainstack-manifest.json"
 
 mkdir -p "$root" || answer failed "cannot create $root"
 sync_lock "$root" "$wait"
-check_manifest "$m" "$expect"
+[ "$expect" = any ] || check_manifest "$m" "$expect"
 [ "$need" -gt 0 ] && need_space "$root" "$need"
 s=$(scratch_dir "$root/.trainstack-sync.tmp" apply) || exit 3
 trap 'rm -rf "$s"' EXIT

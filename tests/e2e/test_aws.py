@@ -168,7 +168,7 @@ def test_experiment_on_aws(aws_stack: object, stack_name: str, tmp_path: Path) -
     assert [line for line in task("logs", "--run", run_id).splitlines() if line] == EXPECTED_LOG
     task("fetch", "--run", run_id)
 
-    from trainstack.connection import Connection
+    from trainstack.remote.connection import Connection
     from trainstack.fetch import local_runs_root
     from trainstack.stack import resolve_target
 

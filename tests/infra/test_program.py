@@ -427,7 +427,7 @@ BAD_CONFIG = [
     ({"trainstack:idleMinutes": "-5"}, "trainstack:idleMinutes must be a positive number of minutes"),
     ({"trainstack:maxHours": "soon"}, "trainstack:maxHours must be a number"),
     ({"trainstack:onIdle": "hibernate"}, "trainstack:onIdle must be one of stop, terminate (got 'hibernate')"),
-    ({"trainstack:results": '["../secrets"]'}, "trainstack:results entries must be paths inside the workdir"),
+    ({"trainstack:results": '["../secrets"]'}, "trainstack:results '../secrets' leaves the workdir"),
     ({"trainstack:pricePerHour": "-1"}, "trainstack:pricePerHour must be a price in USD per hour"),
 ]
 

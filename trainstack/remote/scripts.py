@@ -18,7 +18,7 @@ LIB = "sync-lib.sh"
 
 
 #: Programs that use no shared function are sent alone.
-STANDALONE = frozenset({"sync-session.sh", "sync-dry-run.sh", "sync-manifests.sh"})
+STANDALONE = frozenset({"sync-session.sh", "sync-manifests.sh"})
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,307 @@
+"""tar as a sync's transport: the first sync of a checkout (everything, as fast as
+`tar c | ssh tar x`, hashing meanwhile), and any sync when rsync is missing here or on
+the node. The node side is bootstrap/node/sync-apply.sh: the stream is extracted into a
+scratch dir of this sync's own, checked, and put in place with hard links (or, into an
+empty workdir, one rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from trainstack.errors import SyncError
+from trainstack.manifest import Manifest, PendingScan
+from trainstack.remote import answers, scripts, shell
+from trainstack.remote.rsync import RsyncOutcome
+from trainstack.remote.shell import LinkFailed, last_line
+from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, node_outcome
+from trainstack.sync.plan import Plan, kib_needed, nul_list, owned_records
+from trainstack.sync.result import TRANSPORT_TAR
+from trainstack.sync.via_stream import CONTROL_DIR
+from trainstack.transfer import Progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from trainstack.remote.connection import Connection
+
+
+@dataclass
+class Files:
+    """What a tar stream carries: the paths (relative to the workdir), their total size,
+    and the manifest that follows them (computed while they flow, for a first sync)."""
+
+    paths: Sequence[str]
+    total_bytes: int
+    manifest: Callable[[], Manifest]
+
+
+def openssh_tar_available() -> bool:
+    return shutil.which("tar") is not None and shutil.which("ssh") is not None
+
+
+class TarPush:
+    """Ships a plan's files as one tar stream (everything the plan sends; rsync's delta
+    transfer is not available)."""
+
+    name = TRANSPORT_TAR
+
+    def __init__(self, conn: "Connection", workdir: Path, remote: RemoteLayout, console: "Console | None") -> None:
+        self.conn = conn
+        self.workdir = workdir
+        self.remote = remote
+        self.console = console
+        self.answers = answers.Answers()
+
+    def push(self, plan: Plan) -> RsyncOutcome:
+        check = plan.check_paths()
+        head = control_archive(
+            check, owned_records(check, plan.owned_from, interrupted=not plan.check), plan.delete, plan.rmdirs()
+        )
+        expect = "any" if not plan.check else (plan.expected_digest or "none")
+        entries = plan.new_manifest.entries
+        needed = sum(entries[p].size for p in plan.send)
+        files = Files(plan.send, needed, lambda: plan.new_manifest)
+        args = [self.remote.root, self.remote.workdir, expect, str(LOCK_WAIT_SECONDS), plan.kept_id, str(kib_needed(needed))]
+        stream = stream_tar_openssh if openssh_tar_available() else stream_tar_paramiko
+        sent, self.answers = stream(self.conn, self.workdir, files, head, scripts.command("sync-apply.sh", args), self.console)
+        return RsyncOutcome(transferred=len(plan.send), bytes_sent=sent, changes=plan.listing())
+
+
+def first_sync(
+    conn: "Connection", workdir: Path, remote: RemoteLayout, pending: PendingScan, console: "Console | None",
+    kept_id: str, meanwhile: Callable[[], None] | None = None,
+) -> tuple[int, answers.Answers]:
+    """Everything, to a node that holds no manifest (raises ManifestChanged when it does):
+    no round trip first, the content hashes computed while the stream flows, the manifest
+    last. (bytes sent, the node's answer)."""
+    found = pending.found
+    needed = sum(found[p][2].st_size for p in pending.paths if p in found)
+    files = Files(pending.paths, pending.total_bytes, pending.finish)
+    args = [remote.root, remote.workdir, "none", str(LOCK_WAIT_SECONDS), kept_id, str(kib_needed(needed))]
+    stream = stream_tar_openssh if openssh_tar_available() else stream_tar_paramiko
+    return stream(conn, workdir, files, control_archive([], b"", [], []), scripts.command("sync-apply.sh", args), console, meanwhile)
+
+
+def control_archive(check: Sequence[str], owned: bytes, delete: Sequence[str], rmdirs: Sequence[str]) -> bytes:
+    """A tar archive of the lists sync-apply.sh reads from `.trainstack/` (no end blocks:
+    the files' archive follows)."""
+    import tarfile
+
+    blocks: list[bytes] = []
+    for name, data in (
+        ("check", nul_list("./" + p for p in check)), ("owned", owned), ("delete", nul_list(delete)),
+        ("rmdir", nul_list(rmdirs)),
+    ):
+        info = tarfile.TarInfo(f"{CONTROL_DIR}/{name}")
+        info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+        blocks.append(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        blocks.append(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+    return b"".join(blocks)
+
+
+def manifest_archive(manifest: Manifest) -> bytes:
+    """A tar archive holding only the manifest, as `_TAR_MANIFEST_MEMBER`."""
+    import io
+    import tarfile
+
+    data = manifest.dumps()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo(f"{CONTROL_DIR}/manifest")
+        info.size = len(data)
+        info.mode = 0o600
+        info.mtime = int(time.time())
+        archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def tar_outcome(conn: "Connection", code: int, stderr: str) -> answers.Answers:
+    found = answers.parse(stderr)
+    node_outcome(conn, found, code, stderr)
+    return found
+
+
+def stream_tar_openssh(
+    conn: "Connection", workdir: Path, files: "Files", head: bytes, command: str,
+    console: "Console | None", meanwhile: Callable[[], None] | None = None,
+) -> tuple[int, answers.Answers]:
+    """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
+    `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
+    follows as a second archive; `meanwhile` runs while the node puts the files in place."""
+    import re
+
+    paths = files.paths
+    hashing = threading.Thread(target=files.manifest, daemon=True)
+    hashing.start()
+    with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp_name:
+        tmp = Path(tmp_name)
+        listing = tmp / "files"
+        listing.write_bytes(nul_list(paths))
+        stderr_path = tmp / "stderr"
+        with open(stderr_path, "wb") as stderr_file:
+            ssh = shell.popen(conn, command, stderr=stderr_file)
+            tar_argv = ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)]
+            assert ssh.stdin is not None
+            sent = 0
+            broken = False
+            if console is None or not console.is_terminal:
+                # Nobody watches a progress bar: tar writes straight into ssh, and the
+                # stream never passes through this process.
+                try:
+                    ssh.stdin.write(head)
+                    ssh.stdin.flush()
+                except BrokenPipeError:
+                    broken = True
+                tar = subprocess.Popen([*tar_argv, "--totals"], stdout=ssh.stdin, stderr=subprocess.PIPE)
+                assert tar.stderr is not None
+                tar_report = tar.stderr.read().decode("utf-8", "replace")
+                tar_code = tar.wait()
+                written = re.search(r"^Total bytes written: (\d+)", tar_report, re.MULTILINE)
+                sent = len(head) + (int(written.group(1)) if written else files.total_bytes)
+                try:
+                    if not broken:
+                        hashing.join()
+                        tail = manifest_archive(files.manifest())
+                        ssh.stdin.write(tail)
+                        sent += len(tail)
+                    ssh.stdin.close()
+                except BrokenPipeError:
+                    broken = True
+                tar_stderr = re.sub(r"(?m)^Total bytes written: .*\n?", "", tar_report)
+            else:
+                tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                assert tar.stdout is not None and tar.stderr is not None
+                with Progress(console, files.total_bytes, "sync") as bar:
+                    try:
+                        ssh.stdin.write(head)
+                        sent += len(head)
+                        source = tar.stdout.fileno()
+                        while True:
+                            chunk = os.read(source, 1 << 20)
+                            if not chunk:
+                                break
+                            ssh.stdin.write(chunk)
+                            sent += len(chunk)
+                            bar.update(sent)
+                        hashing.join()
+                        tail = manifest_archive(files.manifest())
+                        ssh.stdin.write(tail)
+                        sent += len(tail)
+                        ssh.stdin.close()
+                    except BrokenPipeError:
+                        broken = True
+                        tar.kill()
+                tar_stderr = tar.stderr.read().decode("utf-8", "replace")
+                tar_code = tar.wait()
+            helper = threading.Thread(target=meanwhile, daemon=True) if meanwhile is not None and not broken else None
+            if helper is not None:
+                helper.start()
+            code = ssh.wait()
+            if helper is not None:
+                helper.join()
+        stderr = stderr_path.read_text("utf-8", "replace")
+    hashing.join()
+    if broken and code == 0:
+        code = -1
+    found = tar_outcome(conn, code, stderr)
+    if tar_code not in (0, 1):  # 1: a file changed while it was read; the next sync settles it
+        raise SyncError(f"tar could not read the workdir (exit {tar_code}): {last_line(tar_stderr)}")
+    return sent, found
+
+
+def stream_tar_paramiko(
+    conn: "Connection", workdir: Path, files: "Files", head: bytes, command: str,
+    console: "Console | None",
+    meanwhile: Callable[[], None] | None = None,  # run by the caller afterwards: nothing to overlap here
+) -> tuple[int, answers.Answers]:
+    """Python's tarfile writing into a paramiko channel: needs neither a local tar nor
+    OpenSSH."""
+    import io
+    import tarfile
+
+    from trainstack.errors import TargetUnreachable
+
+    manifest = files.manifest()
+    try:
+        channel = conn.exec_channel(command)
+    except TargetUnreachable as exc:
+        raise LinkFailed(str(exc)) from None
+    writer = ChannelWriter(channel)
+    stderr_chunks: list[bytes] = []
+    try:
+        with Progress(console, manifest.total_bytes, "sync") as bar:
+            buffered = io.BufferedWriter(writer, buffer_size=1 << 20)  # type: ignore[arg-type]
+            buffered.write(head)
+            with tarfile.open(fileobj=buffered, mode="w|", format=tarfile.GNU_FORMAT) as archive:
+                for rel in sorted(files.paths):
+                    full = workdir / rel
+                    try:
+                        info = archive.gettarinfo(str(full), arcname=rel)
+                    except FileNotFoundError:
+                        continue  # vanished since the scan; the next sync sees the tree as it is
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    if info.isreg():
+                        with open(full, "rb") as handle:
+                            archive.addfile(info, handle)
+                    else:
+                        archive.addfile(info)
+                    bar.update(writer.sent)
+            buffered.write(manifest_archive(manifest))
+            buffered.flush()
+            channel.shutdown_write()
+            while not channel.exit_status_ready():
+                while channel.recv_stderr_ready():
+                    stderr_chunks.append(channel.recv_stderr(65536))
+                time.sleep(0.02)
+            while channel.recv_stderr_ready():
+                stderr_chunks.append(channel.recv_stderr(65536))
+            code = channel.recv_exit_status()
+    except (OSError, EOFError) as exc:
+        stderr = b"".join(stderr_chunks).decode("utf-8", "replace")
+        if channel.exit_status_ready():
+            tar_outcome(conn, channel.recv_exit_status(), stderr)
+        raise LinkFailed(str(exc) or type(exc).__name__) from None
+    finally:
+        channel.close()
+    found = tar_outcome(conn, code, b"".join(stderr_chunks).decode("utf-8", "replace"))
+    return writer.sent, found
+
+
+class ChannelWriter:
+    """A raw, write-only file over a paramiko channel, counting bytes sent."""
+
+    def __init__(self, channel: object) -> None:
+        self.channel = channel
+        self.sent = 0
+        self.closed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> int:
+        if self.channel.exit_status_ready():  # type: ignore[attr-defined]
+            raise EOFError("the node's tar exited early")
+        self.channel.sendall(data)  # type: ignore[attr-defined]
+        self.sent += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
