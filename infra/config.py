@@ -43,10 +43,9 @@ PRICE_PER_HOUR = "pricePerHour"
 LAUNCHER = "launcher"
 SUBNET_ID = "subnetId"
 
-#: With no idleMinutes/maxHours in the stack, a machine still ends: after an hour without a run
-#: or SSH session, and a day after boot. 0 turns either off.
-DEFAULT_IDLE_MINUTES = 60
-DEFAULT_MAX_HOURS = 24
+#: With no idleMinutes/maxHours in the stack, a machine still ends; 0 turns either off.
+DEFAULT_IDLE_MINUTES = contract.DEFAULT_IDLE_MINUTES
+DEFAULT_MAX_HOURS = contract.DEFAULT_MAX_HOURS
 
 #: Defaults of Pulumi.yaml's config schema, by key without namespace. "" and 0 mean "not set".
 DEFAULTS: dict[str, Any] = {

@@ -58,14 +58,17 @@ def test_new_asks_the_injected_lookup_for_the_callers_address(project_dir: Path)
 
     def lookup() -> str:
         asked.append(1)
-        return "2001:db8::5\n"
+        return "198.51.100.99\n"
 
     cidr = lifecycle.caller_cidr(lookup=lookup)
-    lifecycle.new_experiment("v6", project_dir, ExperimentSpec(), cidr)
+    lifecycle.new_experiment("v4", project_dir, ExperimentSpec(), cidr)
     assert asked == [1]
-    assert yaml.safe_load((project_dir / "Pulumi.v6.yaml").read_text())["config"]["trainstack:sshAllowedCidrs"] == [
-        "2001:db8::5/128"
+    assert yaml.safe_load((project_dir / "Pulumi.v4.yaml").read_text())["config"]["trainstack:sshAllowedCidrs"] == [
+        "198.51.100.99/32"
     ]
+    # The machines have IPv4 addresses only: an IPv6 answer would lock the user out.
+    with pytest.raises(UsageError, match="is IPv6, but the machines have IPv4 addresses only"):
+        lifecycle.caller_cidr(lookup=lambda: "2001:db8::5\n")
 
 
 def test_new_refuses_to_overwrite(project_dir: Path) -> None:
@@ -108,6 +111,11 @@ def test_explicit_cidr_wins_over_environment_and_lookup(monkeypatch) -> None:
     assert lifecycle.caller_cidr("203.0.113.0/28", lookup=no_lookup) == "203.0.113.0/28"
     with pytest.raises(UsageError, match="whole internet"):
         lifecycle.caller_cidr("0.0.0.0/0", lookup=no_lookup)
+    # The stack file's rule: half the internet is not an address either, nor IPv6 (no IPv6 on the machines).
+    with pytest.raises(UsageError, match=r"^refusing: --cidr '0.0.0.0/1' opens SSH to 2,147,483,648 addresses"):
+        lifecycle.caller_cidr("0.0.0.0/1", lookup=no_lookup)
+    with pytest.raises(UsageError, match=r"^--cidr '2001:db8::1/128' is IPv6, but the machines have IPv4 addresses only"):
+        lifecycle.caller_cidr("2001:db8::1", lookup=no_lookup)
 
 
 # --- up -----------------------------------------------------------------------------------------
@@ -161,7 +169,8 @@ def test_up_prints_the_cost_then_caches_the_outputs(local_sshd: LocalTarget, pro
     outputs = lifecycle.up_experiment("exp1", project_dir, engine, said.append)
 
     assert engine.calls == [("up", "exp1")]
-    assert said[0] == "exp1: 1 × g5.xlarge, $1.006/h (on-demand); stops after 30 min idle"
+    # The stack sets no maxHours: the default lifetime applies.
+    assert said[0] == "exp1: 1 × g5.xlarge, $1.006/h (on-demand); stops after 30 min idle; at most 24 h (≤ $24.14)"
     assert "Resources: 7 created" in said
     assert outputs.instance_type == "g5.xlarge"
     cached = read_outputs_cache(stack_state_dir(project_dir, "exp1"), "exp1")

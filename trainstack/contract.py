@@ -22,6 +22,10 @@ CONFIG_NAMESPACE = "trainstack"
 
 #: The reserved stack name of the local target (a real sshd on 127.0.0.1).
 LOCAL_STACK = "local"
+#: With no trainstack:idleMinutes / trainstack:maxHours in the stack (Pulumi.yaml's defaults), a
+#: machine still ends: after an hour without a run, SSH session or busy GPU, and a day after boot.
+DEFAULT_IDLE_MINUTES = 60
+DEFAULT_MAX_HOURS = 24
 #: Set to 1 by `invoke up --new-image` for the Pulumi program: move the machines to the newest
 #: image instead of the one pinned at first up (which replaces them).
 NEW_IMAGE_ENV = "TRAINSTACK_NEW_IMAGE"

@@ -96,8 +96,11 @@ def caller_cidr(given: str | None = None, lookup: Callable[[], str] = lookup_pub
         ) from None
     if network.num_addresses > 1 and not given:
         raise UsageError(f"{value.strip()!r} from {origin} is a network, not your address: pass --cidr")
-    if network.prefixlen == 0:
-        raise UsageError("refusing to open SSH to the whole internet: pass --cidr with your own address")
+    problem = contract.ssh_cidrs_problem([str(network)])
+    if problem is not None and problem.open_to_world:
+        raise UsageError(f"refusing: {problem.message.replace('entry ', '--cidr ', 1)}; pass --cidr with your own address")
+    if problem is not None:
+        raise UsageError(f"{problem.message.replace('entry ', '--cidr ', 1)}")
     return str(network)
 
 
