@@ -155,7 +155,8 @@ _COMMENT_LINE_RE = re.compile(r"^\s*#")
 
 
 def strip_comment_lines(script: str) -> str:
-    """A shell script without its comment-only lines (the shebang and heredoc bodies kept).
+    """A shell script without its comment-only lines and indentation (the shebang and heredoc
+    bodies kept as they are).
 
     EC2's 16 KiB of user-data would not hold the bootstrap, the job runner and the watchdog
     with their comments; bash parses the result exactly as the original (tests compare bash's
@@ -172,6 +173,9 @@ def strip_comment_lines(script: str) -> str:
             continue
         if index > 0 and _COMMENT_LINE_RE.match(line):
             continue
+        # Indentation means nothing to bash outside heredocs (a multi-line string would keep
+        # it: the tests compare bash's reading of every shipped file before and after).
+        line = line.lstrip(" ")
         kept.append(line)
         if "<<" in line and not _COMMENT_LINE_RE.match(line):
             for match in _HEREDOC_RE.finditer(line.replace("<<<", "   ")):
@@ -218,8 +222,8 @@ def render_user_data(inputs: BootstrapInputs, *, bin_dir: Path = BIN_DIR, templa
     if EMBEDDED_FILES_MARKER not in script:
         raise UserDataError(f"{template} lacks the line {EMBEDDED_FILES_MARKER.strip()!r}")
     # Comments go before the files are embedded: their bodies are stripped on their own.
-    script = strip_comment_lines(script.replace(EMBEDDED_FILES_MARKER, "  @@EMBEDDED_BIN_FILES@@", 1))
-    return script.replace("  @@EMBEDDED_BIN_FILES@@", "\n".join(embedded) if embedded else "  :", 1)
+    script = strip_comment_lines(script.replace(EMBEDDED_FILES_MARKER, "@@EMBEDDED_BIN_FILES@@", 1))
+    return script.replace("@@EMBEDDED_BIN_FILES@@", "\n".join(embedded) if embedded else ":", 1)
 
 
 def render_cloud_config(inputs: BootstrapInputs) -> str | None:
