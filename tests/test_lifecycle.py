@@ -128,8 +128,8 @@ class RecordingEngine:
         self.outputs = dict(outputs or {})
         self.calls: list[tuple[str, str]] = []
 
-    def up(self, stack: str, project_dir: Path, on_output) -> Mapping[str, Any]:
-        self.calls.append(("up", stack))
+    def up(self, stack: str, project_dir: Path, on_output, *, new_image: bool = False) -> Mapping[str, Any]:
+        self.calls.append(("up --new-image" if new_image else "up", stack))
         on_output("Resources: 7 created")
         return self.outputs
 
@@ -336,3 +336,45 @@ def test_down_refuses_a_result_changed_since_the_last_fetch(exp1: RecordingEngin
     with pytest.raises(DestroyRefused, match=r"1 result file\(s\) on stack 'exp1' were never fetched \(results/metrics.txt\)"):
         lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
     assert exp1.calls == []
+
+
+def test_a_failed_up_names_awss_reason_not_the_generic_line():
+    output = """Updating (exp1):
+     +  aws:ec2:Instance experiment-0 creating (2s) error: creating EC2 Instance: operation error EC2: RunInstances, https response error StatusCode: 500, RequestID: 1, api error InsufficientInstanceCapacity: We currently do not have sufficient p5.48xlarge capacity in the Availability Zone you requested (us-east-1a).
+    error: update failed
+"""
+    assert lifecycle._last_line(output) == (
+        "InsufficientInstanceCapacity: We currently do not have sufficient p5.48xlarge capacity in the "
+        "Availability Zone you requested (us-east-1a)."
+    )
+    assert lifecycle._last_line("a\nerror: preview failed\nb") == "error: preview failed"
+
+
+def test_up_passes_the_new_image_request_on(project_dir: Path, local_sshd: LocalTarget) -> None:
+    write_stack_file(project_dir)
+    engine = RecordingEngine(aws_like_outputs(local_sshd))
+    lifecycle.up_experiment("exp1", project_dir, engine, lambda _: None, new_image=True)
+    assert engine.calls == [("up --new-image", "exp1")]
+
+
+def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """What the engine asks of Pulumi's Automation API (the CLI itself is not run here)."""
+    from pulumi import automation as auto
+
+    seen: dict[str, Any] = {}
+
+    class Handle:
+        def up(self, **kwargs: Any) -> Any:
+            seen["up"] = kwargs
+            return type("Result", (), {"outputs": {}})()
+
+    def create_or_select_stack(*, stack_name: str, work_dir: str, opts: Any) -> Handle:
+        seen["env"] = opts.env_vars if opts is not None else None
+        return Handle()
+
+    monkeypatch.setattr(lifecycle.shutil, "which", lambda name: "/usr/bin/pulumi")
+    monkeypatch.setattr(auto, "create_or_select_stack", create_or_select_stack)
+    lifecycle.AutomationEngine().up("exp1", tmp_path, print)
+    assert seen["up"]["refresh"] is True and seen["env"] is None
+    lifecycle.AutomationEngine().up("exp1", tmp_path, print, new_image=True)
+    assert seen["env"] == {contract.NEW_IMAGE_ENV: "1"}
