@@ -297,17 +297,18 @@ def new(c, name, instance_type="t3.micro", spot=False, nodes=None, workdir=".", 
         "stack": STACK_HELP,
         "wait": "wait until the machines are ready (default; --no-wait returns after pulumi up)",
         "timeout": "seconds to wait for the machines (default 900)",
+        "new_image": "move the machines to the newest image (replaces them: their disks are lost)",
     }
 )
 @handle_errors
-def up(c, stack=None, wait=True, timeout=None):
-    """Create the experiment's machines with `pulumi up`, after saying what they cost."""
+def up(c, stack=None, wait=True, timeout=None, new_image=False):
+    """Create or update the experiment's machines (`pulumi up --refresh`), after saying what they cost."""
     from trainstack.lifecycle import AutomationEngine, up_experiment
     from trainstack.stack import resolve_stack_name
 
     project = _project_dir()
     name = resolve_stack_name(stack, project)
-    up_experiment(name, project, AutomationEngine(), note)
+    up_experiment(name, project, AutomationEngine(), note, new_image=bool(new_image))
     if wait:
         from trainstack.wait import wait_ready
 

@@ -8,16 +8,19 @@ defaults only when the CLI runs the program, not under the unit-test mocks.
 
 from __future__ import annotations
 
-import ipaddress
+import base64
+import binascii
+import difflib
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import pulumi
 
-from infra import hardware
+from infra.hardware import is_instance_type
 from trainstack import contract
 
 NAMESPACE = contract.CONFIG_NAMESPACE
@@ -38,6 +41,11 @@ RESULTS = "results"
 ON_IDLE = "onIdle"
 PRICE_PER_HOUR = "pricePerHour"
 LAUNCHER = "launcher"
+SUBNET_ID = "subnetId"
+
+#: With no idleMinutes/maxHours in the stack, a machine still ends; 0 turns either off.
+DEFAULT_IDLE_MINUTES = contract.DEFAULT_IDLE_MINUTES
+DEFAULT_MAX_HOURS = contract.DEFAULT_MAX_HOURS
 
 #: Defaults of Pulumi.yaml's config schema, by key without namespace. "" and 0 mean "not set".
 DEFAULTS: dict[str, Any] = {
@@ -49,14 +57,15 @@ DEFAULTS: dict[str, Any] = {
     SSH_ALLOWED_CIDRS: [],
     ALLOW_SSH_FROM_ANYWHERE: False,
     SSH_PUBLIC_KEY: "",
-    IDLE_MINUTES: 0,
-    MAX_HOURS: "",
+    IDLE_MINUTES: DEFAULT_IDLE_MINUTES,
+    MAX_HOURS: str(DEFAULT_MAX_HOURS),
     WORKDIR: ".",
     COMMAND: "",
     RESULTS: list(contract.DEFAULT_RESULTS),
     ON_IDLE: "stop",
     PRICE_PER_HOUR: "",
     LAUNCHER: "",
+    SUBNET_ID: "",
 }
 
 MAX_NODES = 64
@@ -74,8 +83,12 @@ SSH_PUBLIC_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+#: The longest public key line accepted: an RSA key of 4096 bits with a comment. The key
+#: travels in the user-data, which EC2 caps at 16 KiB; tests keep a 4 KiB margin with it.
+MAX_SSH_PUBLIC_KEY_CHARS = 1024
+MAX_RSA_BITS = 4096
 _AMI_RE = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
-_WORLD_OPEN = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+_SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8}([0-9a-f]{9})?$")
 
 
 class ConfigError(pulumi.RunError, ValueError):
@@ -105,25 +118,22 @@ class ExperimentConfig:
     allow_ssh_from_anywhere: bool = DEFAULTS[ALLOW_SSH_FROM_ANYWHERE]
     #: None: a key pair is generated and its private half exported as a secret.
     ssh_public_key: str | None = None
-    idle_minutes: int | None = None
-    max_hours: float | None = None
+    #: None: never (the setting's 0).
+    idle_minutes: int | None = DEFAULT_IDLE_MINUTES
+    #: None: no limit (the setting's 0 or "").
+    max_hours: float | None = float(DEFAULT_MAX_HOURS)
     workdir: str = DEFAULTS[WORKDIR]
     command: str = DEFAULTS[COMMAND]
     results: tuple[str, ...] = contract.DEFAULT_RESULTS
     on_idle: str = DEFAULTS[ON_IDLE]
     price_per_hour: float | None = None
     launcher: str = DEFAULTS[LAUNCHER]
+    #: None: the default VPC's default subnet in a zone offering the instance type.
+    subnet_id: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
 
-    @property
-    def hardware(self) -> hardware.Hardware:
-        return hardware.classify(self.instance_type)
-
-    @property
-    def effective_root_volume_gb(self) -> int:
-        return self.root_volume_gb if self.root_volume_gb is not None else self.hardware.default_root_volume_gb
 
     @property
     def shutdown_behavior(self) -> str:
@@ -142,7 +152,7 @@ class ExperimentConfig:
             if namespace and namespace != NAMESPACE:
                 continue
             if name not in DEFAULTS:
-                raise ConfigError(name, f"is not a setting: use one of {', '.join(full_key(k) for k in DEFAULTS)}")
+                raise ConfigError(name, _unknown_key_hint(name))
             values[name] = value
 
         def get(key: str, parse: Callable[[str, Any], Any]) -> Any:
@@ -165,18 +175,37 @@ class ExperimentConfig:
             on_idle=get(ON_IDLE, _parse_str),
             price_per_hour=get(PRICE_PER_HOUR, _parse_optional_float),
             launcher=get(LAUNCHER, _parse_str).strip(),
+            subnet_id=get(SUBNET_ID, _parse_str).strip() or None,
         )
 
     @classmethod
     def load(cls, config: pulumi.Config | None = None) -> "ExperimentConfig":
         """From the stack's configuration (the running Pulumi program or the test mocks)."""
         config = config or pulumi.Config(NAMESPACE)
-        raw = {}
+        raw: dict[str, Any] = {}
+        # Every key of the namespace, not only the known ones: a misspelled key
+        # (trainstack:instancetype) is refused instead of silently ignored.
+        for key in stack_config_keys():
+            raw[key] = pulumi.runtime.get_config(f"{NAMESPACE}:{key}")
         for key in DEFAULTS:
             value = config.get(key)
             if value is not None:
                 raw[key] = value
         return cls.from_raw(raw)
+
+
+def stack_config_keys() -> list[str]:
+    """The names (without namespace) of every trainstack: key the stack's config sets."""
+    keys = set(pulumi.runtime.config.CONFIG.get()) | set(pulumi.runtime.get_config_env())
+    return sorted(key.split(":", 1)[1] for key in keys if key.startswith(f"{NAMESPACE}:"))
+
+
+def _unknown_key_hint(name: str) -> str:
+    by_lower = {k.lower(): k for k in DEFAULTS}
+    close = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, list(DEFAULTS), n=1)), None)
+    if close:
+        return f"is not a setting: did you mean {full_key(close)}? (rename it in Pulumi.<stack>.yaml)"
+    return f"is not a setting: use one of {', '.join(full_key(k) for k in DEFAULTS)}"
 
 
 def _parse_str(key: str, value: Any) -> str:
@@ -227,7 +256,7 @@ def _parse_str_list(key: str, value: Any) -> list[str]:
 
 
 def _validate(cfg: ExperimentConfig) -> None:
-    if not hardware.is_instance_type(cfg.instance_type):
+    if not is_instance_type(cfg.instance_type):
         raise ConfigError(
             INSTANCE_TYPE,
             f"{cfg.instance_type!r} is not an EC2 instance type: use FAMILY.SIZE, like t3.micro, "
@@ -243,19 +272,15 @@ def _validate(cfg: ExperimentConfig) -> None:
         )
     if cfg.ami is not None and not _AMI_RE.match(cfg.ami):
         raise ConfigError(AMI, f"{cfg.ami!r} is not an image id: use ami- and 8 or 17 hex digits, or leave it empty")
+    if cfg.subnet_id is not None and not _SUBNET_RE.match(cfg.subnet_id):
+        raise ConfigError(SUBNET_ID, f"{cfg.subnet_id!r} is not a subnet id: use subnet- and 8 or 17 hex digits, or leave it empty")
     _validate_cidrs(cfg.ssh_allowed_cidrs, cfg.allow_ssh_from_anywhere)
     if cfg.ssh_public_key is not None:
-        fields = cfg.ssh_public_key.split()
-        if "\n" in cfg.ssh_public_key or len(fields) < 2 or fields[0] not in SSH_PUBLIC_KEY_TYPES:
-            raise ConfigError(
-                SSH_PUBLIC_KEY,
-                "must be one OpenSSH public key line (the content of ~/.ssh/id_ed25519.pub), "
-                f"of type {', '.join(SSH_PUBLIC_KEY_TYPES)}; or empty to generate a key",
-            )
+        _validate_public_key(cfg.ssh_public_key)
     if cfg.idle_minutes is not None and cfg.idle_minutes < 1:
         raise ConfigError(IDLE_MINUTES, f"must be a positive number of minutes, or 0 for never (got {cfg.idle_minutes})")
     if cfg.max_hours is not None and not cfg.max_hours > 0:
-        raise ConfigError(MAX_HOURS, f"must be a positive number of hours, or empty for no limit (got {cfg.max_hours})")
+        raise ConfigError(MAX_HOURS, f"must be a positive number of hours, or 0 for no limit (got {cfg.max_hours})")
     if not cfg.workdir.strip():
         raise ConfigError(WORKDIR, "must name the local directory to sync, like '.'")
     try:
@@ -277,18 +302,56 @@ def _validate_cidrs(cidrs: tuple[str, ...], allow_anywhere: bool) -> None:
             "is empty: list the addresses allowed to SSH in, e.g. your own "
             f"`pulumi config set --path '{full_key(SSH_ALLOWED_CIDRS)}[0]' 203.0.113.7/32`",
         )
-    for cidr in cidrs:
-        try:
-            network = ipaddress.ip_network(cidr.strip(), strict=True)
-        except ValueError:
+    problem = contract.ssh_cidrs_problem(cidrs, allow_anywhere)
+    if problem is None:
+        return
+    if problem.open_to_world:
+        raise ConfigError(
+            SSH_ALLOWED_CIDRS,
+            f"{problem.message}: list your own address instead, "
+            f"or set {full_key(ALLOW_SSH_FROM_ANYWHERE)}: true to allow it on purpose",
+        )
+    raise ConfigError(SSH_ALLOWED_CIDRS, problem.message)
+
+
+def _validate_public_key(line: str) -> None:
+    fields = line.split()
+    if "\n" in line or len(fields) < 2 or fields[0] not in SSH_PUBLIC_KEY_TYPES:
+        raise ConfigError(
+            SSH_PUBLIC_KEY,
+            "must be one OpenSSH public key line (the content of ~/.ssh/id_ed25519.pub), "
+            f"of type {', '.join(SSH_PUBLIC_KEY_TYPES)}; or empty to generate a key",
+        )
+    shorter = "use an ed25519 key (ssh-keygen -t ed25519), or empty to generate one"
+    if fields[0] == "ssh-rsa":
+        bits = _rsa_bits(fields[1])
+        if bits is None:
+            raise ConfigError(SSH_PUBLIC_KEY, f"is not a readable ssh-rsa key: {shorter}")
+        if bits > MAX_RSA_BITS:
             raise ConfigError(
-                SSH_ALLOWED_CIDRS,
-                f"entry {cidr!r} is not a CIDR: use an address with its prefix length, like "
-                "203.0.113.7/32 or 2001:db8::1/128",
-            ) from None
-        if network in _WORLD_OPEN and not allow_anywhere:
-            raise ConfigError(
-                SSH_ALLOWED_CIDRS,
-                f"entry {cidr!r} opens SSH to the whole internet: list your own address instead, "
-                f"or set {full_key(ALLOW_SSH_FROM_ANYWHERE)}: true to allow it on purpose",
+                SSH_PUBLIC_KEY,
+                f"is an RSA key of {bits} bits, over the {MAX_RSA_BITS} that fit EC2's user-data: {shorter}",
             )
+    if len(line) > MAX_SSH_PUBLIC_KEY_CHARS:
+        raise ConfigError(
+            SSH_PUBLIC_KEY,
+            f"is {len(line)} characters, over the {MAX_SSH_PUBLIC_KEY_CHARS} that fit EC2's user-data: "
+            f"drop its comment or {shorter}",
+        )
+
+
+def _rsa_bits(blob: str) -> int | None:
+    """The modulus size of an ssh-rsa key blob (string "ssh-rsa", mpint e, mpint n)."""
+    try:
+        data = base64.b64decode(blob, validate=True)
+        fields = []
+        offset = 0
+        for _ in range(3):
+            (length,) = struct.unpack(">I", data[offset : offset + 4])
+            fields.append(data[offset + 4 : offset + 4 + length])
+            offset += 4 + length
+    except (binascii.Error, struct.error, ValueError):
+        return None
+    if fields[0] != b"ssh-rsa" or not fields[2]:
+        return None
+    return int.from_bytes(fields[2], "big").bit_length()

@@ -1,6 +1,7 @@
-"""What an EC2 instance type implies for the machine: GPUs, CPU architecture, placement.
-
-Decided from the instance family (the part before the dot) alone, so nothing here reaches AWS.
+"""What an EC2 instance type is: its CPU architecture, GPUs, vCPUs and whether it can join a
+cluster placement group, as AWS describes it (`aws ec2 describe-instance-types`, read through
+`CloudLookups.instance_type`). Nothing here is a hand-kept list of families: the facts come
+from AWS, and this module only draws the conclusions the program needs from them.
 """
 
 from __future__ import annotations
@@ -10,34 +11,68 @@ from dataclasses import dataclass
 
 INSTANCE_TYPE_RE = re.compile(r"^(?P<family>[a-z][a-z0-9-]*[0-9][a-z0-9-]*)\.(?P<size>[a-z0-9-]+)$")
 
-# NVIDIA GPU families: p2 ... p6 and g3 ... g6e (and gr6), but not g4ad, whose GPUs are AMD's.
-_NVIDIA_GPU_FAMILY_RE = re.compile(r"^(p[2-9][a-z0-9-]*|g[3-9][a-z]*|gr[0-9][a-z]*)$")
-_NON_NVIDIA_GPU_FAMILIES = frozenset({"g4ad"})
-
-# Graviton families: a1, and a generation digit followed by "g" (t4g, c7g, c7gn, m7gd, g5g, x2gd,
-# im4gn, is4gen, hpc7g, ...).
-_ARM64_FAMILY_RE = re.compile(r"^(a1|[a-z]+[0-9]+g[a-z]*)$")
-
-# Burstable (t2, t3, t3a, t4g) and Mac instances cannot join a cluster placement group.
-_NO_CLUSTER_PLACEMENT_RE = re.compile(r"^(t[0-9][a-z]*|mac[0-9a-z-]*)$")
-
 DEFAULT_ROOT_VOLUME_GB_CPU = 30
 # The Deep Learning images carry CUDA toolkits and drivers (tens of GB) before any dataset.
 DEFAULT_ROOT_VOLUME_GB_GPU = 150
 
+# NVIDIA GPUs older than Turing (compute capability below 7.5), by the names EC2 gives them.
+# NVIDIA's open-source kernel driver, the one every current Deep Learning image ships, drives
+# Turing and newer only; these need a proprietary driver no current image carries.
+PRE_TURING_NVIDIA_GPUS = frozenset({"K80", "K520", "M60", "V100"})
+
+
+@dataclass(frozen=True)
+class Gpu:
+    manufacturer: str
+    name: str
+    count: int
+    memory_mib: int = 0
+
+    @property
+    def nvidia(self) -> bool:
+        return self.manufacturer.upper() == "NVIDIA"
+
 
 @dataclass(frozen=True)
 class Hardware:
+    """One instance type as AWS describes it."""
+
     instance_type: str
-    family: str
-    gpu: bool
-    arm64: bool
-    cluster_placement: bool
+    architectures: tuple[str, ...] = ("x86_64",)
+    vcpus: int = 0
+    gpus: tuple[Gpu, ...] = ()
+    placement_strategies: tuple[str, ...] = ()
+    efa_supported: bool = False
+
+    @property
+    def family(self) -> str:
+        return family_of(self.instance_type)
+
+    @property
+    def gpu(self) -> bool:
+        """NVIDIA GPUs: the bootstrap insists on a working nvidia-smi."""
+        return any(g.nvidia for g in self.gpus)
+
+    @property
+    def pre_turing_gpu(self) -> str | None:
+        """The name of an NVIDIA GPU too old for the open-source driver, or None."""
+        for g in self.gpus:
+            if g.nvidia and g.name.upper() in PRE_TURING_NVIDIA_GPUS:
+                return g.name
+        return None
+
+    @property
+    def arm64(self) -> bool:
+        return "arm64" in self.architectures and "x86_64" not in self.architectures
 
     @property
     def architecture(self) -> str:
         """The EC2 image architecture name."""
         return "arm64" if self.arm64 else "x86_64"
+
+    @property
+    def cluster_placement(self) -> bool:
+        return "cluster" in self.placement_strategies
 
     @property
     def default_root_volume_gb(self) -> int:
@@ -48,16 +83,6 @@ def is_instance_type(value: str) -> bool:
     return INSTANCE_TYPE_RE.match(value) is not None
 
 
-def classify(instance_type: str) -> Hardware:
-    """Raises ValueError when instance_type is not FAMILY.SIZE."""
+def family_of(instance_type: str) -> str:
     match = INSTANCE_TYPE_RE.match(instance_type)
-    if match is None:
-        raise ValueError(f"{instance_type!r} is not an EC2 instance type (FAMILY.SIZE, like t3.micro)")
-    family = match.group("family")
-    return Hardware(
-        instance_type=instance_type,
-        family=family,
-        gpu=_NVIDIA_GPU_FAMILY_RE.match(family) is not None and family not in _NON_NVIDIA_GPU_FAMILIES,
-        arm64=_ARM64_FAMILY_RE.match(family) is not None,
-        cluster_placement=_NO_CLUSTER_PLACEMENT_RE.match(family) is None,
-    )
+    return match.group("family") if match else instance_type.split(".", 1)[0]

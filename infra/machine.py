@@ -1,8 +1,13 @@
-"""The experiment's machine(s): keys, firewall, placement and instances, as one component."""
+"""The experiment's machine(s): keys, firewall, placement and instances, as one component.
+
+`ExperimentMachines` declares them in that order, one small declarer each, so the constructor
+reads as the list of what an experiment pays for or opens.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any, TypeVar
 
 import pulumi
@@ -11,6 +16,8 @@ import pulumi_tls as tls
 
 from infra import images, userdata
 from infra.config import ExperimentConfig
+from infra.hardware import Hardware
+from infra.preflight import Site
 from trainstack import contract
 
 COMPONENT_TYPE = "trainstack:index:ExperimentMachines"
@@ -33,6 +40,7 @@ def experiment_tags(experiment: str, owner: pulumi.Input[str]) -> pulumi.Output[
 def bootstrap_inputs(
     cfg: ExperimentConfig,
     *,
+    gpu: bool,
     authorized_public_key: str,
     host_private_key_openssh: str,
     host_public_key: str,
@@ -47,8 +55,33 @@ def bootstrap_inputs(
         remote_root=contract.DEFAULT_REMOTE_ROOT,
         idle_minutes=cfg.idle_minutes,
         max_hours=cfg.max_hours,
-        gpu=cfg.hardware.gpu,
+        gpu=gpu,
     )
+
+
+def root_volume_gb(cfg: ExperimentConfig, hw: Hardware) -> int:
+    return cfg.root_volume_gb if cfg.root_volume_gb is not None else hw.default_root_volume_gb
+
+
+def new_image_requested() -> bool:
+    """`invoke up --new-image` (TRAINSTACK_NEW_IMAGE=1): move the machines to the newest image."""
+    return os.environ.get(contract.NEW_IMAGE_ENV) == "1"
+
+
+def instance_ignore_changes(cfg: ExperimentConfig, site: Site, *, new_image: bool) -> list[str]:
+    """Inputs whose later difference must not replace a machine (and delete its disk):
+
+    - the looked-up image: pinned at first up, a newer image only on request (`--new-image`);
+      an image id set in trainstack:ami is followed, that is a request;
+    - associate_public_ip_address: a refresh of a stopped instance reads it back as false;
+    - a subnet the program chose: a later choice is no reason to move the machine.
+    """
+    ignored = ["associate_public_ip_address"]
+    if cfg.ami is None and not new_image:
+        ignored.append("ami")
+    if site.subnet_chosen:
+        ignored.append("subnet_id")
+    return ignored
 
 
 class ExperimentMachines(pulumi.ComponentResource):
@@ -69,153 +102,161 @@ class ExperimentMachines(pulumi.ComponentResource):
         *,
         experiment: str,
         lookups: images.CloudLookups,
+        site: Site,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__(COMPONENT_TYPE, name, None, opts)
-        child = pulumi.ResourceOptions(parent=self)
+        self._name = name
+        self._cfg = cfg
+        self._site = site
+        self._child = pulumi.ResourceOptions(parent=self)
+        self._tags = experiment_tags(experiment, lookups.caller_arn())
         #: Every resource declared here, in declaration order.
         self.declared: list[pulumi.Resource] = []
-        hw = cfg.hardware
-        tags = experiment_tags(experiment, lookups.caller_arn())
         self.ssh_user = contract.DEFAULT_SSH_USER
         self.remote_root = contract.DEFAULT_REMOTE_ROOT
 
-        # The client's key: the user's own public key, or a generated pair whose private half
-        # leaves the stack only as a secret output.
-        if cfg.ssh_public_key:
-            authorized_key: pulumi.Output[str] = pulumi.Output.from_input(cfg.ssh_public_key)
+        authorized_key, host_key = self._declare_keys()
+        self.security_group = self._declare_firewall(experiment)
+        placement_group = self._declare_placement()
+        image_id = cfg.ami or lookups.image_id(images.image_spec_for(site.hardware), pulumi.InvokeOptions(parent=self))
+        self.instances = self._declare_instances(image_id, authorized_key, host_key, placement_group)
+        self._declare_outputs()
+
+    def _declare_keys(self) -> tuple[pulumi.Output[str], tls.PrivateKey]:
+        """The client's key (the user's own public key, or a generated pair whose private half
+        leaves the stack only as a secret output) and the machine's host key, generated here and
+        installed by the first boot: the client knows it before the first connection."""
+        if self._cfg.ssh_public_key:
+            authorized_key: pulumi.Output[str] = pulumi.Output.from_input(self._cfg.ssh_public_key)
             self.ssh_private_key = pulumi.Output.secret("")
         else:
-            client_key = self._own(tls.PrivateKey(f"{name}-client-key", algorithm="ED25519", opts=child))
+            client_key = self._own(tls.PrivateKey(f"{self._name}-client-key", algorithm="ED25519", opts=self._child))
             authorized_key = client_key.public_key_openssh
             self.ssh_private_key = pulumi.Output.secret(client_key.private_key_openssh)
-
-        # The machine's host key, generated here and installed by the first boot: the client
-        # knows it before the first connection and never has to trust on first use.
-        host_key = self._own(tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child))
+        host_key = self._own(tls.PrivateKey(f"{self._name}-host-key", algorithm="ED25519", opts=self._child))
         self.ssh_host_public_key = host_key.public_key_openssh.apply(lambda line: line.strip())
+        return authorized_key, host_key
 
-        self.security_group = self._own(
+    def _declare_firewall(self, experiment: str) -> aws.ec2.SecurityGroup:
+        """SSH in from the configured addresses; everything between the nodes of a multi-node
+        experiment (NCCL, gloo, c10d rendezvous use many ports); everything out (first boot
+        installs packages, training downloads data and models)."""
+        name, tags = self._name, self._tags
+        group = self._own(
             aws.ec2.SecurityGroup(
                 f"{name}-sg",
                 description=f"trainstack {experiment}: SSH from the configured addresses only",
+                vpc_id=self._site.subnet.vpc_id,
                 tags=tags,
-                opts=child,
+                opts=self._child,
             )
         )
-        sg_child = pulumi.ResourceOptions(parent=self.security_group)
-        for index, cidr in enumerate(cfg.ssh_allowed_cidrs):
+        rule_opts = pulumi.ResourceOptions(parent=group)
+        for index, cidr in enumerate(self._cfg.ssh_allowed_cidrs):
             network = ipaddress.ip_network(cidr.strip(), strict=True)
             family = {"cidr_ipv4": str(network)} if network.version == 4 else {"cidr_ipv6": str(network)}
-            ssh_rule = aws.vpc.SecurityGroupIngressRule(
-                f"{name}-ssh-{index}",
-                security_group_id=self.security_group.id,
-                description="SSH from a configured address",
-                ip_protocol="tcp",
-                from_port=contract.SSH_PORT,
-                to_port=contract.SSH_PORT,
-                tags=tags,
-                opts=sg_child,
-                **family,
+            self._own(
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-ssh-{index}", security_group_id=group.id, description="SSH from a configured address",
+                    ip_protocol="tcp", from_port=contract.SSH_PORT, to_port=contract.SSH_PORT, tags=tags,
+                    opts=rule_opts, **family,
+                )
             )
-            self._own(ssh_rule)
-        if cfg.nodes > 1:
-            # Distributed training (NCCL, gloo, c10d rendezvous) uses many ports between nodes.
-            intra_rule = aws.vpc.SecurityGroupIngressRule(
-                f"{name}-intra-cluster",
-                security_group_id=self.security_group.id,
-                description="all traffic between the nodes of this experiment",
-                ip_protocol="-1",
-                referenced_security_group_id=self.security_group.id,
-                tags=tags,
-                opts=sg_child,
+        if self._cfg.nodes > 1:
+            self._own(
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-intra-cluster", security_group_id=group.id,
+                    description="all traffic between the nodes of this experiment", ip_protocol="-1",
+                    referenced_security_group_id=group.id, tags=tags, opts=rule_opts,
+                )
             )
-            self._own(intra_rule)
-        # Outbound stays open: first boot installs packages, training downloads data and models.
         for label, family in (("ipv4", {"cidr_ipv4": "0.0.0.0/0"}), ("ipv6", {"cidr_ipv6": "::/0"})):
-            egress_rule = aws.vpc.SecurityGroupEgressRule(
-                f"{name}-egress-{label}",
-                security_group_id=self.security_group.id,
-                description="all outbound",
-                ip_protocol="-1",
-                tags=tags,
-                opts=sg_child,
-                **family,
+            self._own(
+                aws.vpc.SecurityGroupEgressRule(
+                    f"{name}-egress-{label}", security_group_id=group.id, description="all outbound",
+                    ip_protocol="-1", tags=tags, opts=rule_opts, **family,
+                )
             )
-            self._own(egress_rule)
+        return group
 
-        placement_group = None
-        if cfg.nodes > 1 and hw.cluster_placement:
-            placement_group = self._own(
-                aws.ec2.PlacementGroup(f"{name}-cluster", strategy="cluster", tags=tags, opts=child)
-            )
-        if cfg.nodes == 1:
+    def _declare_placement(self) -> aws.ec2.PlacementGroup | None:
+        """A cluster placement group for two or more nodes, where AWS says the type supports one."""
+        hw = self._site.hardware
+        if self._cfg.nodes == 1:
             self.placement = "none: one node"
-        elif placement_group is not None:
-            self.placement = "cluster"
-        else:
+            return None
+        if not hw.cluster_placement:
             self.placement = f"none: {hw.family} instances cannot use a cluster placement group"
+            return None
+        self.placement = "cluster"
+        return self._own(aws.ec2.PlacementGroup(f"{self._name}-cluster", strategy="cluster", tags=self._tags, opts=self._child))
 
-        image_id: pulumi.Input[str] = cfg.ami or lookups.image_id(
-            images.image_spec_for(hw), pulumi.InvokeOptions(parent=self)
-        )
-
-        user_data = pulumi.Output.all(
-            authorized_key,
-            host_key.private_key_openssh,
-            host_key.public_key_openssh,
-        ).apply(
+    def _declare_instances(
+        self,
+        image_id: pulumi.Input[str],
+        authorized_key: pulumi.Output[str],
+        host_key: tls.PrivateKey,
+        placement_group: aws.ec2.PlacementGroup | None,
+    ) -> list[aws.ec2.Instance]:
+        """The machines, all in one subnet (one zone): IMDSv2 only, an encrypted gp3 root
+        volume, spot where asked, and a power-off from inside (the watchdog) that stops them,
+        or terminates them for spot and onIdle: terminate."""
+        cfg, site = self._cfg, self._site
+        user_data = pulumi.Output.all(authorized_key, host_key.private_key_openssh, host_key.public_key_openssh).apply(
             lambda keys: userdata.build_user_data(
                 bootstrap_inputs(
-                    cfg,
-                    authorized_public_key=keys[0],
-                    host_private_key_openssh=keys[1],
-                    host_public_key=keys[2],
+                    cfg, gpu=site.hardware.gpu, authorized_public_key=keys[0],
+                    host_private_key_openssh=keys[1], host_public_key=keys[2],
                 )
             )
         )
-
         market_options = None
         if cfg.spot:
             market_options = aws.ec2.InstanceInstanceMarketOptionsArgs(
                 market_type="spot",
                 spot_options=aws.ec2.InstanceInstanceMarketOptionsSpotOptionsArgs(
-                    spot_instance_type="one-time",
-                    instance_interruption_behavior="terminate",
+                    spot_instance_type="one-time", instance_interruption_behavior="terminate",
                 ),
             )
-
-        self.instances: list[aws.ec2.Instance] = []
+        instance_opts = pulumi.ResourceOptions.merge(
+            self._child,
+            pulumi.ResourceOptions(ignore_changes=instance_ignore_changes(cfg, site, new_image=new_image_requested())),
+        )
+        instances = []
         for rank in range(cfg.nodes):
-            node_tags = tags.apply(lambda t, rank=rank: {**t, "Name": f"{t['Name']}-{rank}", "trainstack:rank": str(rank)})
-            instance = aws.ec2.Instance(
-                f"{name}-{rank}",
-                ami=image_id,
-                instance_type=cfg.instance_type,
-                vpc_security_group_ids=[self.security_group.id],
-                associate_public_ip_address=True,
-                placement_group=placement_group.name if placement_group is not None else None,
-                user_data_base64=user_data,
-                user_data_replace_on_change=True,
-                instance_initiated_shutdown_behavior=cfg.shutdown_behavior,
-                instance_market_options=market_options,
-                metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
-                    http_endpoint="enabled",
-                    http_tokens="required",  # IMDSv2 only
-                    http_put_response_hop_limit=1,
-                ),
-                root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-                    volume_type="gp3",
-                    volume_size=cfg.effective_root_volume_gb,
-                    encrypted=True,
-                    delete_on_termination=True,
-                    tags=node_tags,
-                ),
-                tags=node_tags,
-                opts=child,
+            node_tags = self._tags.apply(
+                lambda t, rank=rank: {**t, "Name": f"{t['Name']}-{rank}", "trainstack:rank": str(rank)}
             )
-            self.instances.append(self._own(instance))
+            instances.append(
+                self._own(
+                    aws.ec2.Instance(
+                        f"{self._name}-{rank}",
+                        ami=image_id,
+                        instance_type=cfg.instance_type,
+                        subnet_id=site.subnet.id,
+                        vpc_security_group_ids=[self.security_group.id],
+                        associate_public_ip_address=True,
+                        placement_group=placement_group.name if placement_group is not None else None,
+                        user_data_base64=user_data,
+                        user_data_replace_on_change=True,
+                        instance_initiated_shutdown_behavior=cfg.shutdown_behavior,
+                        instance_market_options=market_options,
+                        metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
+                            http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
+                        ),
+                        root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
+                            volume_type="gp3", volume_size=root_volume_gb(cfg, site.hardware), encrypted=True,
+                            delete_on_termination=True, tags=node_tags,
+                        ),
+                        tags=node_tags,
+                        opts=instance_opts,
+                    )
+                )
+            )
+        return instances
 
+    def _declare_outputs(self) -> None:
         self.nodes = pulumi.Output.all(
             *[
                 pulumi.Output.all(i.public_ip, i.private_ip, i.id).apply(
@@ -224,12 +265,10 @@ class ExperimentMachines(pulumi.ComponentResource):
                 for i in self.instances
             ]
         ).apply(list)
-
+        #: The image the machines run (pinned at first up).
+        self.image = self.instances[0].ami
         self.register_outputs(
-            {
-                contract.Outputs.NODES: self.nodes,
-                contract.Outputs.SSH_HOST_PUBLIC_KEY: self.ssh_host_public_key,
-            }
+            {contract.Outputs.NODES: self.nodes, contract.Outputs.SSH_HOST_PUBLIC_KEY: self.ssh_host_public_key}
         )
 
     def _own(self, resource: R) -> R:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pulumi
 
+from infra import preflight
 from infra.config import ExperimentConfig
 from infra.images import AwsLookups, CloudLookups
 from infra.machine import ExperimentMachines
@@ -21,10 +22,10 @@ def hourly_price(cfg: ExperimentConfig, region: str) -> float | None:
 
 
 def experiment_outputs(
-    machines: ExperimentMachines, cfg: ExperimentConfig, lookups: CloudLookups, experiment: str
+    machines: ExperimentMachines, cfg: ExperimentConfig, region: str, experiment: str
 ) -> dict[str, pulumi.Input[Any]]:
-    """The stack outputs, by the names of the shared contract (plus `placement`, for people)."""
-    region = pulumi.Output.from_input(lookups.region())
+    """The stack outputs, by the names of the shared contract (plus `placement` and `image`, for
+    people)."""
     return {
         Outputs.NODES: machines.nodes,
         Outputs.SSH_USER: machines.ssh_user,
@@ -38,21 +39,24 @@ def experiment_outputs(
         Outputs.RESULTS: list(cfg.results),
         Outputs.IDLE_MINUTES: cfg.idle_minutes,
         Outputs.MAX_HOURS: cfg.max_hours,
-        Outputs.PRICE_PER_HOUR: region.apply(lambda name: hourly_price(cfg, name)),
+        Outputs.PRICE_PER_HOUR: hourly_price(cfg, region),
         "placement": machines.placement,
+        "image": machines.image,
     }
 
 
 def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> tuple[ExperimentMachines, dict[str, pulumi.Input[Any]]]:
     """Declares the experiment's machines; returns them and the stack outputs.
 
-    Settings are validated first (ConfigError), so a bad value declares nothing.
+    Settings are validated first (ConfigError), then checked against the account and region
+    (PreflightError), so a bad value or a launch that would fail declares nothing.
     """
     cfg = cfg if cfg is not None else ExperimentConfig.load()
     lookups = lookups if lookups is not None else AwsLookups()
+    site = preflight.check(cfg, lookups)
     experiment = pulumi.get_stack()
-    machines = ExperimentMachines("experiment", cfg, experiment=experiment, lookups=lookups)
-    return machines, experiment_outputs(machines, cfg, lookups, experiment)
+    machines = ExperimentMachines("experiment", cfg, experiment=experiment, lookups=lookups, site=site)
+    return machines, experiment_outputs(machines, cfg, site.region, experiment)
 
 
 def main(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> dict[str, pulumi.Input[Any]]:

@@ -59,6 +59,11 @@ class UserDataError(ValueError):
 class UserDataTooLarge(UserDataError):
     """The encoded user-data exceeds EC2's 16 KiB limit."""
 
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.size_message = f"user-data is {size} bytes after gzip, over EC2's {MAX_USER_DATA_BYTES}"
+        super().__init__(f"{self.size_message}: make the files in bootstrap/bin smaller")
+
 
 @dataclass(frozen=True, kw_only=True)
 class BootstrapInputs:
@@ -144,13 +149,55 @@ def bin_files(bin_dir: Path = BIN_DIR) -> list[Path]:
     return files
 
 
+_SHELL_SHEBANG_RE = re.compile(r"^#!\s*(/usr/bin/env\s+)?(/bin/|/usr/bin/)?(ba)?sh\b")
+_HEREDOC_RE = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
+_COMMENT_LINE_RE = re.compile(r"^\s*#")
+
+
+def strip_comment_lines(script: str) -> str:
+    """A shell script without its comment-only lines and indentation (the shebang and heredoc
+    bodies kept as they are).
+
+    EC2's 16 KiB of user-data would not hold the bootstrap, the job runner and the watchdog
+    with their comments; bash parses the result exactly as the original (tests compare bash's
+    own reading of both, `declare -f`).
+    """
+    lines = script.split("\n")
+    kept: list[str] = []
+    heredoc_ends: list[str] = []
+    for index, line in enumerate(lines):
+        if heredoc_ends:
+            kept.append(line)
+            if (line.lstrip("\t") if heredoc_ends[0].startswith("-") else line) == heredoc_ends[0].lstrip("-"):
+                heredoc_ends.pop(0)
+            continue
+        if index > 0 and _COMMENT_LINE_RE.match(line):
+            continue
+        # Indentation means nothing to bash outside heredocs (a multi-line string would keep
+        # it: the tests compare bash's reading of every shipped file before and after).
+        line = line.lstrip(" ")
+        kept.append(line)
+        if "<<" in line and not _COMMENT_LINE_RE.match(line):
+            for match in _HEREDOC_RE.finditer(line.replace("<<<", "   ")):
+                dash = "-" if match.group(0).startswith("<<-") else ""
+                heredoc_ends.append(dash + match.group(2))
+    return "\n".join(kept)
+
+
+def is_shell_script(content: str) -> bool:
+    return _SHELL_SHEBANG_RE.match(content) is not None
+
+
 def _embed_file(name: str, content: bytes) -> str:
-    """One call of the script's install_bin_file with the file's exact bytes on stdin."""
+    """One call of the script's install_bin_file with the file's bytes on stdin (shell scripts
+    without their comment lines)."""
     text = None
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         pass
+    if text is not None and is_shell_script(text) and "\r" not in text:
+        text = strip_comment_lines(text)
     if text is not None and text.endswith("\n") and "\0" not in text and "\r" not in text:
         # A quoted heredoc passes the text through untouched; the delimiter is chosen so it
         # is not a line of the file.
@@ -174,7 +221,9 @@ def render_user_data(inputs: BootstrapInputs, *, bin_dir: Path = BIN_DIR, templa
     embedded = [_embed_file(path.name, path.read_bytes()) for path in bin_files(bin_dir)]
     if EMBEDDED_FILES_MARKER not in script:
         raise UserDataError(f"{template} lacks the line {EMBEDDED_FILES_MARKER.strip()!r}")
-    return script.replace(EMBEDDED_FILES_MARKER, "\n".join(embedded) if embedded else "  :", 1)
+    # Comments go before the files are embedded: their bodies are stripped on their own.
+    script = strip_comment_lines(script.replace(EMBEDDED_FILES_MARKER, "@@EMBEDDED_BIN_FILES@@", 1))
+    return script.replace("@@EMBEDDED_BIN_FILES@@", "\n".join(embedded) if embedded else ":", 1)
 
 
 def render_cloud_config(inputs: BootstrapInputs) -> str | None:
@@ -222,10 +271,7 @@ def encode_user_data(script: str, *, cloud_config: str | None = None) -> str:
         payload = message.as_string()
     raw = gzip.compress(payload.encode("utf-8"), compresslevel=9, mtime=0)
     if len(raw) > MAX_USER_DATA_BYTES:
-        raise UserDataTooLarge(
-            f"user-data is {len(raw)} bytes after gzip, over EC2's {MAX_USER_DATA_BYTES}: "
-            "make the files in bootstrap/bin smaller"
-        )
+        raise UserDataTooLarge(len(raw))
     return base64.b64encode(raw).decode("ascii")
 
 

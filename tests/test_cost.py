@@ -61,7 +61,11 @@ def test_summary_before_up_names_price_basis_and_limits() -> None:
         "dev: 1 × t3.micro, $0.0104/h (on-demand); ")
     unknown = cost.summary_before_up("odd", {"trainstack:instanceType": "z9.huge"})
     assert "price unknown for z9.huge" in unknown and "trainstack:pricePerHour" in unknown
-    assert "no auto-stop" in unknown
+    # Nothing set: Pulumi.yaml's defaults apply.
+    assert unknown.endswith("; stops after 60 min idle; at most 24 h")
+    off = cost.summary_before_up("odd", {"trainstack:instanceType": "z9.huge", "trainstack:idleMinutes": 0,
+                                         "trainstack:maxHours": "0"})
+    assert off.endswith("; no auto-stop: trainstack:idleMinutes and trainstack:maxHours are 0")
 
 
 def test_money_and_duration_formats() -> None:

@@ -58,14 +58,17 @@ def test_new_asks_the_injected_lookup_for_the_callers_address(project_dir: Path)
 
     def lookup() -> str:
         asked.append(1)
-        return "2001:db8::5\n"
+        return "198.51.100.99\n"
 
     cidr = lifecycle.caller_cidr(lookup=lookup)
-    lifecycle.new_experiment("v6", project_dir, ExperimentSpec(), cidr)
+    lifecycle.new_experiment("v4", project_dir, ExperimentSpec(), cidr)
     assert asked == [1]
-    assert yaml.safe_load((project_dir / "Pulumi.v6.yaml").read_text())["config"]["trainstack:sshAllowedCidrs"] == [
-        "2001:db8::5/128"
+    assert yaml.safe_load((project_dir / "Pulumi.v4.yaml").read_text())["config"]["trainstack:sshAllowedCidrs"] == [
+        "198.51.100.99/32"
     ]
+    # The machines have IPv4 addresses only: an IPv6 answer would lock the user out.
+    with pytest.raises(UsageError, match="is IPv6, but the machines have IPv4 addresses only"):
+        lifecycle.caller_cidr(lookup=lambda: "2001:db8::5\n")
 
 
 def test_new_refuses_to_overwrite(project_dir: Path) -> None:
@@ -108,6 +111,11 @@ def test_explicit_cidr_wins_over_environment_and_lookup(monkeypatch) -> None:
     assert lifecycle.caller_cidr("203.0.113.0/28", lookup=no_lookup) == "203.0.113.0/28"
     with pytest.raises(UsageError, match="whole internet"):
         lifecycle.caller_cidr("0.0.0.0/0", lookup=no_lookup)
+    # The stack file's rule: half the internet is not an address either, nor IPv6 (no IPv6 on the machines).
+    with pytest.raises(UsageError, match=r"^refusing: --cidr '0.0.0.0/1' opens SSH to 2,147,483,648 addresses"):
+        lifecycle.caller_cidr("0.0.0.0/1", lookup=no_lookup)
+    with pytest.raises(UsageError, match=r"^--cidr '2001:db8::1/128' is IPv6, but the machines have IPv4 addresses only"):
+        lifecycle.caller_cidr("2001:db8::1", lookup=no_lookup)
 
 
 # --- up -----------------------------------------------------------------------------------------
@@ -120,8 +128,8 @@ class RecordingEngine:
         self.outputs = dict(outputs or {})
         self.calls: list[tuple[str, str]] = []
 
-    def up(self, stack: str, project_dir: Path, on_output) -> Mapping[str, Any]:
-        self.calls.append(("up", stack))
+    def up(self, stack: str, project_dir: Path, on_output, *, new_image: bool = False) -> Mapping[str, Any]:
+        self.calls.append(("up --new-image" if new_image else "up", stack))
         on_output("Resources: 7 created")
         return self.outputs
 
@@ -161,7 +169,8 @@ def test_up_prints_the_cost_then_caches_the_outputs(local_sshd: LocalTarget, pro
     outputs = lifecycle.up_experiment("exp1", project_dir, engine, said.append)
 
     assert engine.calls == [("up", "exp1")]
-    assert said[0] == "exp1: 1 × g5.xlarge, $1.006/h (on-demand); stops after 30 min idle"
+    # The stack sets no maxHours: the default lifetime applies.
+    assert said[0] == "exp1: 1 × g5.xlarge, $1.006/h (on-demand); stops after 30 min idle; at most 24 h (≤ $24.14)"
     assert "Resources: 7 created" in said
     assert outputs.instance_type == "g5.xlarge"
     cached = read_outputs_cache(stack_state_dir(project_dir, "exp1"), "exp1")
@@ -327,3 +336,45 @@ def test_down_refuses_a_result_changed_since_the_last_fetch(exp1: RecordingEngin
     with pytest.raises(DestroyRefused, match=r"1 result file\(s\) on stack 'exp1' were never fetched \(results/metrics.txt\)"):
         lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
     assert exp1.calls == []
+
+
+def test_a_failed_up_names_awss_reason_not_the_generic_line():
+    output = """Updating (exp1):
+     +  aws:ec2:Instance experiment-0 creating (2s) error: creating EC2 Instance: operation error EC2: RunInstances, https response error StatusCode: 500, RequestID: 1, api error InsufficientInstanceCapacity: We currently do not have sufficient p5.48xlarge capacity in the Availability Zone you requested (us-east-1a).
+    error: update failed
+"""
+    assert lifecycle._last_line(output) == (
+        "InsufficientInstanceCapacity: We currently do not have sufficient p5.48xlarge capacity in the "
+        "Availability Zone you requested (us-east-1a)."
+    )
+    assert lifecycle._last_line("a\nerror: preview failed\nb") == "error: preview failed"
+
+
+def test_up_passes_the_new_image_request_on(project_dir: Path, local_sshd: LocalTarget) -> None:
+    write_stack_file(project_dir)
+    engine = RecordingEngine(aws_like_outputs(local_sshd))
+    lifecycle.up_experiment("exp1", project_dir, engine, lambda _: None, new_image=True)
+    assert engine.calls == [("up --new-image", "exp1")]
+
+
+def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """What the engine asks of Pulumi's Automation API (the CLI itself is not run here)."""
+    from pulumi import automation as auto
+
+    seen: dict[str, Any] = {}
+
+    class Handle:
+        def up(self, **kwargs: Any) -> Any:
+            seen["up"] = kwargs
+            return type("Result", (), {"outputs": {}})()
+
+    def create_or_select_stack(*, stack_name: str, work_dir: str, opts: Any) -> Handle:
+        seen["env"] = opts.env_vars if opts is not None else None
+        return Handle()
+
+    monkeypatch.setattr(lifecycle.shutil, "which", lambda name: "/usr/bin/pulumi")
+    monkeypatch.setattr(auto, "create_or_select_stack", create_or_select_stack)
+    lifecycle.AutomationEngine().up("exp1", tmp_path, print)
+    assert seen["up"]["refresh"] is True and seen["env"] is None
+    lifecycle.AutomationEngine().up("exp1", tmp_path, print, new_image=True)
+    assert seen["env"] == {contract.NEW_IMAGE_ENV: "1"}

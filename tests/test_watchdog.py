@@ -61,9 +61,14 @@ class Watchdog:
         os.utime(self.env_file, (changed, changed))
         return max(changed, boot_time())
 
+    #: A directory put first on PATH (a stand-in nvidia-smi, say).
+    extra_path: Path | None = None
+
     def environment(self, action: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSTACK_")}
         env["TRAINSTACK_WATCHDOG_ACTION"] = action or self.action
+        if self.extra_path is not None:
+            env["PATH"] = f"{self.extra_path}:{env['PATH']}"
         return env
 
     def check(self, action: str | None = None) -> dict:
@@ -310,6 +315,75 @@ def test_settings_file_is_data_not_code(watchdog: Watchdog) -> None:
     watchdog.configure(idle_minutes=f"$(touch {canary})", started_ago=60)
     watchdog.check()
     assert not canary.exists()
+    assert watchdog.calls() == []
+
+
+def fake_nvidia_smi(directory: Path, utilisations: list[int]) -> None:
+    """An nvidia-smi answering the watchdog's query as the real one does: one CSV line per GPU."""
+    directory.mkdir(exist_ok=True)
+    lines = "".join(f"{index}, {value}\n" for index, value in enumerate(utilisations))
+    script = directory / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--query-gpu=index,utilization.gpu*--format=csv,noheader,nounits*) ;; '
+        '*) echo "unexpected query: $*" >&2; exit 2 ;; esac\n'
+        f"printf '{lines}'\n"
+    )
+    script.chmod(0o755)
+
+
+def test_a_busy_gpu_keeps_the_machine_up(watchdog: Watchdog, tmp_path: Path) -> None:
+    # A notebook or a job in tmux trains on the GPU without a trainstack run or an SSH session.
+    watchdog.extra_path = tmp_path / "gpu-bin"
+    fake_nvidia_smi(watchdog.extra_path, [3, 97])
+    watchdog.configure(idle_minutes="0.1", started_ago=600)
+    state = watchdog.check()
+    assert watchdog.calls() == []
+    assert state["busy"] == "gpu 1 97%"
+    assert state["last_activity"] >= int(time.time()) - 5
+
+    # Idle GPUs (below 10 %) are no activity: the idle limit applies.
+    fake_nvidia_smi(watchdog.extra_path, [3, 0])
+    watchdog.check()
+    assert watchdog.calls() == []  # the idle clock restarted when the GPU was last busy
+    started = watchdog.configure(idle_minutes="0.1", started_ago=600)
+    state = watchdog.check()
+    assert state["busy"] == ""
+    assert state["idle_deadline"] == max(state["last_activity"], started) + 6
+
+
+def test_a_failed_first_boot_powers_off_after_its_grace_even_without_limits(watchdog: Watchdog) -> None:
+    ready = watchdog.root / contract.Remote.READY
+    ready.write_text('{"status": "failed", "failed_step": "packages"}\n')
+    failed_at = int(time.time()) - 600
+    os.utime(ready, (failed_at, failed_at))
+    watchdog.configure(started_ago=3600, extra="TRAINSTACK_FAILED_BOOT_MINUTES=15\n")
+    state = watchdog.check()
+    assert watchdog.calls() == []  # 10 of the 15 minutes gone
+    assert state["idle_deadline"] == failed_at + 15 * 60
+
+    failed_at = int(time.time()) - 16 * 60
+    os.utime(ready, (failed_at, failed_at))
+    state = watchdog.check()
+    assert len(watchdog.calls()) == 1
+    assert state["reason"] == "the first boot failed (see bootstrap.log) and nobody used the machine for 15 min"
+
+
+def test_a_failed_first_boot_waits_while_someone_looks_at_it(watchdog: Watchdog, sleeper: subprocess.Popen) -> None:
+    ready = watchdog.root / contract.Remote.READY
+    ready.write_text('{"status": "failed", "failed_step": "gpus"}\n')
+    os.utime(ready, (int(time.time()) - 7200,) * 2)
+    start_run(watchdog.root, "debug", sleeper.pid)
+    watchdog.configure(started_ago=7200)
+    assert watchdog.check()["busy"] == "run debug"
+    assert watchdog.calls() == []
+
+
+def test_a_successful_first_boot_is_not_held_to_the_failed_grace(watchdog: Watchdog) -> None:
+    ready = watchdog.root / contract.Remote.READY
+    ready.write_text('{"status": "ok", "failed_step": null}\n')
+    watchdog.configure(started_ago=7200)
+    assert watchdog.check()["deadline"] is None
     assert watchdog.calls() == []
 
 

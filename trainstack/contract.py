@@ -9,6 +9,7 @@ pins every name.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ CONFIG_NAMESPACE = "trainstack"
 
 #: The reserved stack name of the local target (a real sshd on 127.0.0.1).
 LOCAL_STACK = "local"
+#: With no trainstack:idleMinutes / trainstack:maxHours in the stack (Pulumi.yaml's defaults), a
+#: machine still ends: after an hour without a run, SSH session or busy GPU, and a day after boot.
+DEFAULT_IDLE_MINUTES = 60
+DEFAULT_MAX_HOURS = 24
+#: Set to 1 by `invoke up --new-image` for the Pulumi program: move the machines to the newest
+#: image instead of the one pinned at first up (which replaces them).
+NEW_IMAGE_ENV = "TRAINSTACK_NEW_IMAGE"
 
 
 class Outputs:
@@ -235,6 +243,59 @@ def _results_problem(path: str) -> str:
     if parts[0] in (".git", ".trainstack"):
         return "is trainstack's or git's own directory"
     return ""
+
+
+#: The widest IPv4 network SSH may be opened to without the explicit opt-in (a /8 is 16.7 M
+#: addresses: wider is "most of the internet", not "my office").
+SSH_WIDEST_PREFIX = 8
+
+
+@dataclass(frozen=True)
+class CidrProblem:
+    """Why a list of SSH CIDRs cannot be used. `open_to_world`: only the opt-in allows it."""
+
+    message: str
+    open_to_world: bool = False
+
+
+def ssh_cidrs_problem(cidrs: list[str] | tuple[str, ...], allow_anywhere: bool = False) -> CidrProblem | None:
+    """The one rule for who may SSH in (the Pulumi program and `invoke new` both apply it):
+    IPv4 CIDRs written exactly (no host bits); the instances have IPv4 addresses only, so an
+    IPv6 entry would lock the user out; and without `allow_anywhere`, no entry wider than a
+    /8 and no set of entries that together cover the whole internet (0.0.0.0/1 + 128.0.0.0/1)."""
+    networks: list[ipaddress.IPv4Network] = []
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(str(cidr).strip(), strict=True)
+        except ValueError:
+            return CidrProblem(
+                f"entry {cidr!r} is not a CIDR: use an address with its prefix length, like 203.0.113.7/32"
+            )
+        if network.version == 6:
+            if network.prefixlen == 0 and not allow_anywhere:
+                return CidrProblem(f"entry {cidr!r} opens SSH to the whole internet", open_to_world=True)
+            return CidrProblem(
+                f"entry {cidr!r} is IPv6, but the machines have IPv4 addresses only (the default VPC gives "
+                "none): list the IPv4 address you connect from, like 203.0.113.7/32 (curl -4 ifconfig.me)"
+            )
+        networks.append(network)
+    if allow_anywhere:
+        return None
+    for network, cidr in zip(networks, cidrs):
+        if network.prefixlen == 0:
+            return CidrProblem(f"entry {cidr!r} opens SSH to the whole internet", open_to_world=True)
+    for network in ipaddress.collapse_addresses(networks):
+        if network.prefixlen == 0:
+            wide = [c for n, c in zip(networks, cidrs) if n.prefixlen < SSH_WIDEST_PREFIX] or list(cidrs)
+            listed = ", ".join(repr(c) for c in wide)
+            return CidrProblem(f"entries {listed} together open SSH to the whole internet", open_to_world=True)
+    for network, cidr in zip(networks, cidrs):
+        if network.prefixlen < SSH_WIDEST_PREFIX:
+            return CidrProblem(
+                f"entry {cidr!r} opens SSH to {network.num_addresses:,} addresses, a large part of the internet",
+                open_to_world=True,
+            )
+    return None
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,9 @@ def format_duration(seconds: float | None) -> str:
 def summary_before_up(stack: str, config: Mapping[str, Any]) -> str:
     """One line shown before `invoke up`: what will bill, how much, and when it stops itself."""
     instance_type, nodes, spot, price = planned_price(config)
-    idle_minutes = _number(config.get(CONFIG_IDLE_MINUTES))
-    max_hours = _number(config.get(CONFIG_MAX_HOURS))
+    # Unset keys take Pulumi.yaml's defaults; 0 turns a limit off.
+    idle_minutes = _number(config.get(CONFIG_IDLE_MINUTES, contract.DEFAULT_IDLE_MINUTES))
+    max_hours = _number(config.get(CONFIG_MAX_HOURS, contract.DEFAULT_MAX_HOURS))
     machines = f"{nodes} × {instance_type}{' spot' if spot else ''}"
     if price is None:
         cost = (f"price unknown for {instance_type} (set {CONFIG_PRICE_PER_HOUR} in "
@@ -126,7 +127,7 @@ def summary_before_up(stack: str, config: Mapping[str, Any]) -> str:
             limit += f" (≤ {format_usd(price.usd * nodes * max_hours)})"
         limits.append(limit)
     if not limits:
-        limits.append("no auto-stop: set trainstack:idleMinutes or trainstack:maxHours")
+        limits.append("no auto-stop: trainstack:idleMinutes and trainstack:maxHours are 0")
     return f"{stack}: {machines}, {cost}; {'; '.join(limits)}"
 
 

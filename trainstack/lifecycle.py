@@ -96,8 +96,11 @@ def caller_cidr(given: str | None = None, lookup: Callable[[], str] = lookup_pub
         ) from None
     if network.num_addresses > 1 and not given:
         raise UsageError(f"{value.strip()!r} from {origin} is a network, not your address: pass --cidr")
-    if network.prefixlen == 0:
-        raise UsageError("refusing to open SSH to the whole internet: pass --cidr with your own address")
+    problem = contract.ssh_cidrs_problem([str(network)])
+    if problem is not None and problem.open_to_world:
+        raise UsageError(f"refusing: {problem.message.replace('entry ', '--cidr ', 1)}; pass --cidr with your own address")
+    if problem is not None:
+        raise UsageError(f"{problem.message.replace('entry ', '--cidr ', 1)}")
     return str(network)
 
 
@@ -176,8 +179,9 @@ def render_stack_file(name: str, spec: ExperimentSpec, cidr: str) -> str:
 class Engine(Protocol):
     """Creates and destroys a stack's resources (the Pulumi program in the project)."""
 
-    def up(self, stack: str, project_dir: Path, on_output: Notify) -> Mapping[str, Any]:
-        """Returns the stack outputs, secrets in clear."""
+    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False) -> Mapping[str, Any]:
+        """Refreshes, then updates; returns the stack outputs, secrets in clear. `new_image`:
+        move the machines to the newest image (replacing them) instead of the pinned one."""
 
     def destroy(self, stack: str, project_dir: Path, on_output: Notify) -> None: ...
 
@@ -185,7 +189,7 @@ class Engine(Protocol):
 class AutomationEngine:
     """Pulumi's Automation API driving the pulumi CLI on the project's Pulumi.yaml."""
 
-    def _stack(self, stack: str, project_dir: Path, create: bool) -> Any:
+    def _stack(self, stack: str, project_dir: Path, create: bool, env: Mapping[str, str] | None = None) -> Any:
         if shutil.which("pulumi") is None:
             raise PulumiCliError(
                 "the pulumi CLI is not on PATH: install it (https://www.pulumi.com/docs/install/) "
@@ -193,19 +197,23 @@ class AutomationEngine:
             )
         from pulumi import automation as auto
 
+        opts = auto.LocalWorkspaceOptions(env_vars=dict(env)) if env else None
         try:
             if create:
-                return auto.create_or_select_stack(stack_name=stack, work_dir=str(project_dir))
-            return auto.select_stack(stack_name=stack, work_dir=str(project_dir))
+                return auto.create_or_select_stack(stack_name=stack, work_dir=str(project_dir), opts=opts)
+            return auto.select_stack(stack_name=stack, work_dir=str(project_dir), opts=opts)
         except auto.errors.CommandError as exc:
             raise PulumiCliError(f"cannot open stack '{stack}': {_last_line(str(exc))}") from None
 
-    def up(self, stack: str, project_dir: Path, on_output: Notify) -> Mapping[str, Any]:
+    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False) -> Mapping[str, Any]:
         from pulumi import automation as auto
 
-        handle = self._stack(stack, project_dir, create=True)
+        env = {contract.NEW_IMAGE_ENV: "1"} if new_image else None
+        handle = self._stack(stack, project_dir, create=True, env=env)
         try:
-            result = handle.up(on_output=on_output)
+            # Refreshed first: a node AWS terminated (spot, onIdle: terminate) is declared again,
+            # and a machine started since has its new public address in the outputs.
+            result = handle.up(on_output=on_output, refresh=True)
         except auto.errors.CommandError as exc:
             raise PulumiCliError(f"`pulumi up` of stack '{stack}' failed: {_last_line(str(exc))}") from None
         return {name: output.value for name, output in result.outputs.items()}
@@ -221,7 +229,13 @@ class AutomationEngine:
 
 
 def _last_line(text: str) -> str:
+    """The line that says why: AWS's own reason (`api error InsufficientInstanceCapacity: ...`)
+    where the provider passed one on, else the last error line, else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        _, found, reason = line.partition("api error ")
+        if found:
+            return reason.strip()
     meaningful = [line for line in lines if line.lower().startswith("error")]
     return (meaningful or lines or ["no output"])[-1]
 
@@ -229,7 +243,7 @@ def _last_line(text: str) -> str:
 # --- up -------------------------------------------------------------------------------------
 
 
-def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify) -> StackOutputs:
+def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify, *, new_image: bool = False) -> StackOutputs:
     """Creates (or updates) the stack's machines and caches their outputs for the other tasks."""
     from trainstack.cost import summary_before_up
 
@@ -246,7 +260,7 @@ def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify)
         notify(summary_before_up(stack, config))
     except ValueError as exc:
         raise UsageError(f"{path.name}: {exc}") from None
-    raw = engine.up(stack, project_dir, notify)
+    raw = engine.up(stack, project_dir, notify, new_image=new_image)
     outputs = parse_outputs(stack, dict(raw), "pulumi up")
     write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
     return outputs

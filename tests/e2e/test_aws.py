@@ -33,6 +33,10 @@ from system.project import (
 pytestmark = pytest.mark.e2e
 
 ENABLE_ENV = "TRAINSTACK_E2E"
+#: 1 also runs the GPU variant: spot, two nodes (costs more; needs a G quota, see docs/testing.md).
+GPU_ENV = "TRAINSTACK_E2E_GPU"
+GPU_INSTANCE_TYPE_ENV = "TRAINSTACK_E2E_GPU_INSTANCE_TYPE"
+DEFAULT_GPU_INSTANCE_TYPE = "g4dn.xlarge"
 CIDR_ENV = "TRAINSTACK_E2E_SSH_CIDR"
 REGION_ENV = "TRAINSTACK_E2E_REGION"
 INSTANCE_TYPE_ENV = "TRAINSTACK_E2E_INSTANCE_TYPE"
@@ -42,6 +46,18 @@ DEFAULT_INSTANCE_TYPE = "t3.micro"
 IDLE_MINUTES = 15
 MAX_HOURS = 1
 WAIT_SECONDS = 900
+# Budgets of the test's phases. pytest's timeout counts setup, call and teardown together, so the
+# test's own covers all of them, with both destroy attempts: a timeout must never be what skips
+# the destroy.
+UP_SECONDS = 1200
+WORKFLOW_SECONDS = 1200
+DESTROY_SECONDS = 900
+TEST_TIMEOUT_SECONDS = UP_SECONDS + WAIT_SECONDS + 60 + WORKFLOW_SECONDS + 2 * DESTROY_SECONDS
+#: The experiments run: name -> (settings, environment variable that must be 1, or None).
+VARIANTS = {
+    "cpu": ({}, None),
+    "gpu-spot-2-nodes": ({"trainstack:spot": "true", "trainstack:nodes": "2"}, GPU_ENV),
+}
 
 
 def aws_credentials_present() -> bool:
@@ -82,9 +98,20 @@ def stack_name() -> str:
     return f"e2e-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> dict[str, str]:
+    settings, gate = VARIANTS[request.param]
+    if gate is not None and os.environ.get(gate) != "1":
+        pytest.skip(f"AWS end-to-end {request.param} variant: set {gate}=1 to run it (GPU spot capacity costs more)")
+    if gate == GPU_ENV:
+        settings = {**settings, "trainstack:instanceType": os.environ.get(GPU_INSTANCE_TYPE_ENV, DEFAULT_GPU_INSTANCE_TYPE)}
+    return settings
+
+
 @pytest.fixture
 def aws_stack(
-    stack_name: str, pulumi_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack_name: str, pulumi_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    variant: dict[str, str],
 ) -> Iterator[object]:
     """A stack of this repository's program, configured for a small experiment; always destroyed."""
     reason = skip_reason()
@@ -115,6 +142,7 @@ def aws_stack(
             "trainstack:onIdle": "terminate",
             "trainstack:workdir": str(workdir),
             "trainstack:command": COMMAND,
+            **variant,
         }
         for key, value in settings.items():
             stack.set_config(key, auto.ConfigValue(value))
@@ -125,14 +153,21 @@ def aws_stack(
 
 
 def _destroy(stack: object, stack_name: str) -> None:
-    """destroy (retried once), then remove the stack and every file it left in the repository."""
+    """destroy (retried once), then remove the stack and every file it left in the repository.
+
+    Every exit path gets here, and an interruption of the first attempt (a pytest timeout, a
+    Ctrl-C: BaseExceptions) is no reason to skip the second; it is raised again at the end.
+    """
     failures = []
+    interrupted: BaseException | None = None
     for attempt in (1, 2):
         try:
             stack.destroy(on_output=print, color="never")  # type: ignore[attr-defined]
             break
-        except Exception as exc:  # report after cleaning what can be cleaned
-            failures.append(f"destroy attempt {attempt}: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - report after cleaning what can be cleaned
+            failures.append(f"destroy attempt {attempt}: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, Exception) and interrupted is None:
+                interrupted = exc
     else:
         pytest.fail(
             f"`pulumi destroy` of stack {stack_name} failed; resources may still be billing: run "
@@ -150,8 +185,11 @@ def _destroy(stack: object, stack_name: str) -> None:
             shutil.rmtree(leftover)
         elif leftover.exists():
             leftover.unlink()
+    if interrupted is not None:
+        raise interrupted
 
 
+@pytest.mark.timeout(TEST_TIMEOUT_SECONDS)
 def test_experiment_on_aws(aws_stack: object, stack_name: str, tmp_path: Path) -> None:
     up = aws_stack.up(on_output=print, color="never")  # type: ignore[attr-defined]
     outputs = {name: output.value for name, output in up.outputs.items()}

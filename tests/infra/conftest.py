@@ -7,10 +7,10 @@ from typing import Iterator
 
 import pulumi
 import pytest
-from pulumi_mocks import STACK, RecordingMocks
+from pulumi_mocks import STACK, RecordingMocks, RecordingMonitor
 
 MOCKS = RecordingMocks()
-pulumi.runtime.set_mocks(MOCKS, project="trainstack", stack=STACK, preview=False)
+pulumi.runtime.set_mocks(MOCKS, project="trainstack", stack=STACK, preview=False, monitor=RecordingMonitor(MOCKS))
 
 
 @pytest.fixture

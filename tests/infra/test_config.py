@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra import hardware
-from infra.config import DEFAULTS, ConfigError, ExperimentConfig
+from infra.config import DEFAULT_IDLE_MINUTES, DEFAULT_MAX_HOURS, DEFAULTS, ConfigError, ExperimentConfig
 
 CIDRS = ("198.51.100.7/32",)
 
@@ -15,10 +14,14 @@ def test_defaults_describe_a_small_cpu_machine_that_must_be_told_who_may_connect
         ExperimentConfig()
     cfg = ExperimentConfig(ssh_allowed_cidrs=CIDRS)
     assert (cfg.instance_type, cfg.nodes, cfg.spot) == ("t3.micro", 1, False)
-    assert cfg.effective_root_volume_gb == 30
+    assert cfg.root_volume_gb is None
     assert cfg.shutdown_behavior == "stop"
     assert cfg.results == ("results", "checkpoints")
-    assert cfg.idle_minutes is None and cfg.max_hours is None and cfg.price_per_hour is None
+    assert cfg.price_per_hour is None and cfg.subnet_id is None
+    # A stack that sets no limits still ends: an idle stop and a lifetime by default.
+    assert (cfg.idle_minutes, cfg.max_hours) == (DEFAULT_IDLE_MINUTES, DEFAULT_MAX_HOURS) == (60, 24)
+    defaults = ExperimentConfig.from_raw({"sshAllowedCidrs": list(CIDRS)})
+    assert (defaults.idle_minutes, defaults.max_hours) == (60, 24)
 
 
 def test_raw_values_are_parsed_the_way_pulumi_hands_them_over():
@@ -28,7 +31,7 @@ def test_raw_values_are_parsed_the_way_pulumi_hands_them_over():
             "trainstack:nodes": "4",
             "trainstack:spot": "True",
             "trainstack:rootVolumeGb": "0",
-            "trainstack:sshAllowedCidrs": '["198.51.100.7/32", "2001:db8::/48"]',
+            "trainstack:sshAllowedCidrs": '["198.51.100.7/32", "203.0.113.0/24"]',
             "trainstack:idleMinutes": "0",
             "trainstack:maxHours": "",
             "trainstack:pricePerHour": "1.006",
@@ -37,8 +40,8 @@ def test_raw_values_are_parsed_the_way_pulumi_hands_them_over():
         }
     )
     assert cfg.nodes == 4 and cfg.spot is True
-    assert cfg.root_volume_gb is None and cfg.effective_root_volume_gb == 150
-    assert cfg.ssh_allowed_cidrs == ("198.51.100.7/32", "2001:db8::/48")
+    assert cfg.root_volume_gb is None
+    assert cfg.ssh_allowed_cidrs == ("198.51.100.7/32", "203.0.113.0/24")
     assert cfg.idle_minutes is None and cfg.max_hours is None
     assert cfg.price_per_hour == pytest.approx(1.006)
     assert cfg.shutdown_behavior == "terminate"
@@ -51,8 +54,26 @@ def test_native_values_from_a_stack_file_are_accepted_too():
 
 def test_unknown_setting_is_refused_with_the_list_of_known_ones():
     with pytest.raises(ConfigError) as raised:
-        ExperimentConfig.from_raw({"trainstack:instancetype": "t3.micro", "trainstack:sshAllowedCidrs": '["198.51.100.7/32"]'})
-    assert str(raised.value).startswith("trainstack:instancetype is not a setting: use one of trainstack:instanceType,")
+        ExperimentConfig.from_raw({"trainstack:gpuCount": "2", "trainstack:sshAllowedCidrs": '["198.51.100.7/32"]'})
+    assert str(raised.value).startswith("trainstack:gpuCount is not a setting: use one of trainstack:instanceType,")
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [("instancetype", "instanceType"), ("sshAllowedCIDRs", "sshAllowedCidrs"), ("idleMinute", "idleMinutes")],
+)
+def test_misspelled_setting_is_refused_naming_the_one_meant(key, meant):
+    with pytest.raises(ConfigError) as raised:
+        ExperimentConfig.from_raw({f"trainstack:{key}": "1", "trainstack:sshAllowedCidrs": '["198.51.100.7/32"]'})
+    assert str(raised.value) == (
+        f"trainstack:{key} is not a setting: did you mean trainstack:{meant}? (rename it in Pulumi.<stack>.yaml)"
+    )
+
+
+def test_zero_turns_the_default_limits_off():
+    cfg = ExperimentConfig.from_raw({"idleMinutes": "0", "maxHours": "0", "sshAllowedCidrs": list(CIDRS)})
+    assert (cfg.idle_minutes, cfg.max_hours) == (None, None)
+    assert ExperimentConfig.from_raw({"maxHours": "", "sshAllowedCidrs": list(CIDRS)}).max_hours is None
 
 
 @pytest.mark.parametrize(
@@ -63,6 +84,18 @@ def test_unknown_setting_is_refused_with_the_list_of_known_ones():
         ({"root_volume_gb": 7}, "trainstack:rootVolumeGb must be between 8 and 16384 GB"),
         ({"ssh_allowed_cidrs": ("0.0.0.0/0",)}, "trainstack:sshAllowedCidrs entry '0.0.0.0/0' opens SSH to the whole internet"),
         ({"ssh_allowed_cidrs": ("my-laptop",)}, "trainstack:sshAllowedCidrs entry 'my-laptop' is not a CIDR"),
+        # Together these cover every IPv4 address: the whole internet without the opt-in.
+        ({"ssh_allowed_cidrs": ("0.0.0.0/1", "128.0.0.0/1")},
+         "trainstack:sshAllowedCidrs entries '0.0.0.0/1', '128.0.0.0/1' together open SSH to the whole internet: "
+         "list your own address instead, or set trainstack:allowSshFromAnywhere: true"),
+        ({"ssh_allowed_cidrs": ("198.51.100.7/32", "0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/1")},
+         "trainstack:sshAllowedCidrs entries '0.0.0.0/2', '64.0.0.0/2', '128.0.0.0/1' together open SSH"),
+        ({"ssh_allowed_cidrs": ("0.0.0.0/1",)}, "trainstack:sshAllowedCidrs entry '0.0.0.0/1' opens SSH to 2,147,483,648 addresses"),
+        ({"ssh_allowed_cidrs": ("10.0.0.0/7",)}, "trainstack:sshAllowedCidrs entry '10.0.0.0/7' opens SSH to"),
+        # The machines have no IPv6 address: an IPv6 entry would lock the user out.
+        ({"ssh_allowed_cidrs": ("2001:db8::/64",)}, "trainstack:sshAllowedCidrs entry '2001:db8::/64' is IPv6, but the machines have IPv4 addresses only"),
+        ({"ssh_allowed_cidrs": ("::/1", "8000::/1")}, "trainstack:sshAllowedCidrs entry '::/1' is IPv6"),
+        ({"subnet_id": "my-subnet"}, "trainstack:subnetId 'my-subnet' is not a subnet id"),
         ({"ami": "ami-123"}, "trainstack:ami 'ami-123' is not an image id"),
         ({"ssh_public_key": "ssh-dss AAAAB3 old"}, "trainstack:sshPublicKey must be one OpenSSH public key line"),
         ({"max_hours": -1.0}, "trainstack:maxHours must be a positive number of hours"),
@@ -84,40 +117,19 @@ def test_constructing_a_bad_config_directly_fails_with_the_same_messages(fields,
 
 
 def test_world_open_cidrs_pass_with_the_opt_in():
-    cfg = ExperimentConfig(ssh_allowed_cidrs=("0.0.0.0/0", "::/0"), allow_ssh_from_anywhere=True)
-    assert cfg.ssh_allowed_cidrs == ("0.0.0.0/0", "::/0")
+    for cidrs in (("0.0.0.0/0",), ("0.0.0.0/1", "128.0.0.0/1")):
+        assert ExperimentConfig(ssh_allowed_cidrs=cidrs, allow_ssh_from_anywhere=True).ssh_allowed_cidrs == cidrs
+
+
+def test_a_wide_office_network_is_accepted():
+    assert ExperimentConfig(ssh_allowed_cidrs=("10.0.0.0/8", "203.0.113.0/24")).nodes == 1
 
 
 def test_defaults_table_covers_every_field_read_from_config():
     assert set(DEFAULTS) == {
         "instanceType", "nodes", "spot", "rootVolumeGb", "ami", "sshAllowedCidrs", "allowSshFromAnywhere",
         "sshPublicKey", "idleMinutes", "maxHours", "workdir", "command", "results", "onIdle", "pricePerHour",
-        "launcher",
+        "launcher", "subnetId",
     }
 
 
-@pytest.mark.parametrize(
-    ("instance_type", "gpu", "arm64", "cluster"),
-    [
-        ("t3.micro", False, False, False),
-        ("t4g.nano", False, True, False),
-        ("t2.large", False, False, False),
-        ("c5n.18xlarge", False, False, True),
-        ("c7i.large", False, False, True),
-        ("c7gn.large", False, True, True),
-        ("m7i-flex.large", False, False, True),
-        ("g4dn.xlarge", True, False, True),
-        ("g4ad.xlarge", False, False, True),  # AMD GPUs: no NVIDIA driver image for them
-        ("g5g.2xlarge", True, True, True),
-        ("g6e.xlarge", True, False, True),
-        ("gr6.4xlarge", True, False, True),
-        ("p3.2xlarge", True, False, True),
-        ("p5e.48xlarge", True, False, True),
-        ("p6-b200.48xlarge", True, False, True),
-        ("trn1.2xlarge", False, False, True),
-        ("a1.large", False, True, True),
-    ],
-)
-def test_hardware_is_read_from_the_instance_family(instance_type, gpu, arm64, cluster):
-    hw = hardware.classify(instance_type)
-    assert (hw.gpu, hw.arm64, hw.cluster_placement) == (gpu, arm64, cluster)

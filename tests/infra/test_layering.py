@@ -66,7 +66,12 @@ class Mocks(pulumi.runtime.Mocks):
                            public_key_openssh="ssh-ed25519 AAAA\n")
         return args.name + "-id", outputs
     def call(self, args):
-        return {"id": "ami-0123456789abcdef0", "region": "us-east-1", "arn": "arn:aws:iam::1:user/u"}
+        # One answer for every lookup the program makes: image, region, caller, instance type,
+        # offerings, default VPC and subnet, quota.
+        return {"id": "ami-0123456789abcdef0", "region": "us-east-1", "arn": "arn:aws:iam::1:user/u",
+                "defaultVcpus": 2, "supportedArchitectures": ["x86_64"], "supportedPlacementStrategies": [],
+                "gpuses": [], "locations": ["us-east-1a"], "ids": ["subnet-0123456789abcdef0"],
+                "vpcId": "vpc-1", "availabilityZone": "us-east-1a", "mapPublicIpOnLaunch": True, "value": 64.0}
 
 mocks = Mocks()
 pulumi.runtime.set_mocks(mocks, project="trainstack", stack="dev", preview=False)

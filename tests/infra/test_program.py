@@ -15,6 +15,7 @@ import pytest
 from pulumi_mocks import CALLER_ARN, REGION, STACK, RecordingMocks, fake_image_id
 
 from infra import images, program, userdata
+from infra.hardware import Gpu, Hardware
 from infra.config import ConfigError, ExperimentConfig
 from trainstack import contract
 
@@ -56,7 +57,7 @@ def ingress_cidrs(mocks: RecordingMocks) -> list[str]:
 def test_default_security_group_allows_ssh_only_from_the_configured_cidrs(mocks: RecordingMocks):
     def check(_: dict) -> None:
         rules = mocks.of_type(INGRESS)
-        assert ingress_cidrs(mocks) == sorted([MY_CIDR, "2001:db8::/64"])
+        assert ingress_cidrs(mocks) == sorted([MY_CIDR, "203.0.113.0/24"])
         for rule in rules:
             assert (rule.inputs["ipProtocol"], rule.inputs["fromPort"], rule.inputs["toPort"]) == ("tcp", 22, 22)
             assert rule.inputs.get("cidrIpv4") not in WORLD and rule.inputs.get("cidrIpv6") not in WORLD
@@ -65,15 +66,15 @@ def test_default_security_group_allows_ssh_only_from_the_configured_cidrs(mocks:
         # One node: nothing else may come in, not even from the group itself.
         assert len(rules) == 2
 
-    return run(config(ssh_allowed_cidrs=(MY_CIDR, "2001:db8::/64"))).apply(check)
+    return run(config(ssh_allowed_cidrs=(MY_CIDR, "203.0.113.0/24"))).apply(check)
 
 
 @pulumi.runtime.test
 def test_world_open_ssh_is_declared_only_with_the_opt_in(mocks: RecordingMocks):
     def check(_: dict) -> None:
-        assert ingress_cidrs(mocks) == sorted(WORLD)
+        assert ingress_cidrs(mocks) == ["0.0.0.0/0"]
 
-    return run(config(ssh_allowed_cidrs=WORLD, allow_ssh_from_anywhere=True)).apply(check)
+    return run(config(ssh_allowed_cidrs=("0.0.0.0/0",), allow_ssh_from_anywhere=True)).apply(check)
 
 
 @pulumi.runtime.test
@@ -173,6 +174,25 @@ class FixedLookups:
     def __init__(self) -> None:
         self.asked: list[images.ImageSpec] = []
 
+    def instance_type(self, name: str) -> Hardware:
+        return Hardware(instance_type=name, architectures=("x86_64",), vcpus=192,
+                        gpus=(Gpu("NVIDIA", "H100", 8, 81920),), placement_strategies=("cluster",))
+
+    def offered_zones(self, instance_type: str) -> list[str]:
+        return ["ap-south-1b"]
+
+    def default_vpc_id(self) -> str | None:
+        return "vpc-00000000000000042"
+
+    def subnet(self, subnet_id: str) -> images.Subnet | None:
+        return None
+
+    def default_subnet(self, vpc_id: str, zone: str) -> images.Subnet | None:
+        return images.Subnet(id="subnet-00000000000000042", vpc_id=vpc_id, zone=zone)
+
+    def vcpu_quota(self, quota_code: str) -> float | None:
+        return 192.0
+
     def image_id(self, spec: images.ImageSpec, opts: pulumi.InvokeOptions | None = None) -> str:
         self.asked.append(spec)
         return "ami-00000000000000042"
@@ -195,6 +215,9 @@ def test_injected_lookups_replace_every_aws_query(mocks: RecordingMocks):
         assert instance.inputs["ami"] == "ami-00000000000000042"
         assert instance.inputs["tags"][contract.Tags.OWNER] == "arn:aws:iam::000000000000:user/bob"
         assert outputs[contract.Outputs.REGION] == "ap-south-1"
+        assert instance.inputs["subnetId"] == "subnet-00000000000000042"
+        (group,) = mocks.of_type(SECURITY_GROUP)
+        assert group.inputs["vpcId"] == "vpc-00000000000000042"
 
     return run(config(instance_type="p5.48xlarge"), lookups).apply(check)
 

@@ -111,7 +111,7 @@ def test_families_without_cluster_placement_run_without_one_and_say_so(mocks: Re
 
 
 def test_gpu_machines_get_the_deep_learning_image_that_ships_pytorch():
-    assert images.DEEP_LEARNING_X86.name_pattern == "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.* (Ubuntu 22.04) *"
+    assert images.DEEP_LEARNING_X86.name_pattern == "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.* (Ubuntu 24.04) *"
     assert "PyTorch" in images.DEEP_LEARNING_ARM64.name_pattern
     # The job runner builds the run's venv on that image's Python, where PyTorch lives.
     runner = (REPO / "bootstrap" / "bin" / "trainstack-run").read_text()

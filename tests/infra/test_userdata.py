@@ -207,3 +207,98 @@ def test_inputs_that_cannot_be_rendered_safely_are_refused(inputs: BootstrapInpu
 def test_garbage_is_not_decoded_as_user_data():
     with pytest.raises(UserDataError, match="not base64 of gzip"):
         userdata.decode_user_data("bm90IGd6aXA=")
+
+
+# --- the 16 KiB budget ---------------------------------------------------------------------
+
+#: What EC2's limit must keep free with the largest key the config accepts: room for the
+#: bootstrap and the node-side programs to grow.
+REQUIRED_MARGIN_BYTES = 4 * 1024
+
+
+def _largest_accepted_public_key() -> str:
+    """An RSA key of the most bits trainstack:sshPublicKey accepts, its comment filling the
+    line to the longest length accepted (random text: it compresses as badly as text can)."""
+    import base64 as b64
+    import secrets
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from infra.config import MAX_RSA_BITS, MAX_SSH_PUBLIC_KEY_CHARS, ExperimentConfig
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=MAX_RSA_BITS)
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    room = MAX_SSH_PUBLIC_KEY_CHARS - len(line) - 1
+    line += " " + b64.b64encode(secrets.token_bytes(room)).decode()[:room]
+    assert len(line) == MAX_SSH_PUBLIC_KEY_CHARS
+    ExperimentConfig(ssh_allowed_cidrs=("198.51.100.7/32",), ssh_public_key=line)  # accepted
+    return line
+
+
+def test_user_data_keeps_a_4_kib_margin_with_the_largest_accepted_key(inputs: BootstrapInputs):
+    import dataclasses
+
+    largest = dataclasses.replace(inputs, authorized_public_key=_largest_accepted_public_key(), gpu=True)
+    size = userdata.user_data_size(userdata.build_user_data(largest))
+    margin = userdata.MAX_USER_DATA_BYTES - size
+    print(f"user-data with the largest accepted key: {size} bytes, {margin} bytes under EC2's limit")
+    assert margin >= REQUIRED_MARGIN_BYTES, f"{size} bytes leave {margin}, under the {REQUIRED_MARGIN_BYTES} kept free"
+
+
+@pytest.mark.parametrize(
+    ("bits_or_line", "message"),
+    [
+        (8192, "trainstack:sshPublicKey is an RSA key of 8192 bits, over the 4096 that fit EC2's user-data"),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHm2QwXKzCz8uXoy3xk3L8n1t1sLq0dC0j1k2uY8v7mZ " + "c" * 1000,
+         "trainstack:sshPublicKey is 1081 characters, over the 1024 that fit EC2's user-data"),
+        ("ssh-rsa bm90IGEga2V5 me", "trainstack:sshPublicKey is not a readable ssh-rsa key"),
+    ],
+)
+def test_public_keys_too_large_for_the_user_data_are_refused(bits_or_line, message):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from infra.config import ConfigError, ExperimentConfig
+
+    line = bits_or_line
+    if isinstance(bits_or_line, int):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits_or_line)
+        line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    with pytest.raises(ConfigError) as raised:
+        ExperimentConfig(ssh_allowed_cidrs=("198.51.100.7/32",), ssh_public_key=line)
+    assert str(raised.value).startswith(message)
+    assert "ssh-keygen -t ed25519" in str(raised.value)
+
+
+# --- comments stay out of the user-data ------------------------------------------------------
+
+
+def _bash_reading(script: str) -> str:
+    """How bash parses a script: its text as the body of a function, printed back by
+    `declare -f`, which drops comments and normalises layout but keeps every command and
+    heredoc body."""
+    wrapped = f"trainstack_parsed() {{\n{script}\n}}\ndeclare -f trainstack_parsed\n"
+    result = subprocess.run(["bash", "-c", wrapped], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+@pytest.mark.parametrize("path", [userdata.TEMPLATE_PATH, *userdata.bin_files()], ids=lambda p: p.name)
+def test_stripping_comments_leaves_what_bash_runs_unchanged(path: Path):
+    source = path.read_text()
+    stripped = userdata.strip_comment_lines(source)
+    assert len(stripped) < len(source) * 0.9  # the comments were many
+    assert stripped.splitlines()[0] == source.splitlines()[0]  # shebang kept
+    assert _bash_reading(stripped) == _bash_reading(source)
+
+
+def test_heredoc_bodies_keep_their_hash_lines():
+    script = "#!/bin/bash\n# gone\ncat <<'EOF' >x\n# kept\nEOF\ncat <<-END\n\t# kept too\n\tEND\n  # gone too\necho a <<< '# not a heredoc'\n# gone\n"
+    assert userdata.strip_comment_lines(script) == (
+        "#!/bin/bash\ncat <<'EOF' >x\n# kept\nEOF\ncat <<-END\n\t# kept too\n\tEND\necho a <<< '# not a heredoc'\n"
+    )
+
+
+def test_the_rendered_script_parses_and_its_template_comments_are_gone(inputs: BootstrapInputs):
+    script = userdata.render_user_data(inputs)
+    assert script.startswith("#!/usr/bin/env bash\n")
+    assert userdata.SETTINGS_BEGIN not in script and "First boot of a trainstack machine" not in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)

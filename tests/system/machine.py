@@ -80,6 +80,7 @@ def bootstrap_inputs(keys: MachineKeys, config: Mapping[str, Any] | None = None,
     cfg = ExperimentConfig.from_raw(example_config() if config is None else config)
     inputs = experiment_bootstrap_inputs(
         cfg,
+        gpu=False,  # the test hosts have no GPU
         authorized_public_key=keys.client.public_key_openssh,
         host_private_key_openssh=keys.host.private_key_openssh,
         host_public_key=keys.host.public_key_openssh,

@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import paramiko
@@ -209,3 +210,23 @@ def test_a_failing_first_boot_is_reported_and_wait_fails_at_once(host_pool: Host
     assert "first-boot setup of node 0 failed" in waited.stderr
     assert "Unable to locate package trainstack-no-such-package" in waited.stderr
     assert "Traceback" not in waited.stderr
+
+    # The watchdog is the first step: it runs although the packages step failed, root's, with
+    # the stack's limits, and it knows the first boot failed.
+    remote_root = inputs.remote_root
+    settings = host.read_text(f"{remote_root}/{contract.Remote.WATCHDOG_ENV}")
+    assert f"TRAINSTACK_IDLE_MINUTES={inputs.idle_minutes}\n" in settings
+    watchdog_pid = host.read_text(f"{remote_root}/watchdog.pid").strip()
+    assert host.run(["kill", "-0", watchdog_pid], check=False).returncode == 0
+    script = host.path(f"{remote_root}/{contract.Remote.WATCHDOG}")
+    assert script.stat().st_uid == 0
+    time.sleep(2)  # past the one-second grace given below
+    check = host.run(
+        [f"{remote_root}/{contract.Remote.WATCHDOG}", "--root", remote_root],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TRAINSTACK_WATCHDOG_ACTION": "true",
+             "TRAINSTACK_FAILED_BOOT_MINUTES": "0.01"},
+    )
+    assert check.returncode == 0, check.stdout
+    assert "the first boot failed (see bootstrap.log) and nobody used the machine for 0.01 min: running 'true'" in (
+        check.stdout.decode()
+    )
