@@ -46,19 +46,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract, layout
 from trainstack.errors import FetchError
-from trainstack.transfer import (
-    RSYNC_LINK_FAILURES,
-    LinkFailed,
-    Progress,
-    human,
-    last_line,
-    remote_shell,
-    rsh_string,
-    run_rsync,
-    say,
-    wait_for_node,
-    wants_compression,
-)
+from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, rsh, run_rsync
+from trainstack.remote.shell import LinkFailed, last_line, remote_shell, wait_for_node
+from trainstack.transfer import Progress, human, say, wants_compression
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -775,7 +765,7 @@ def _fetch_rsync(
                     f"fetch from {conn.describe()} failed: the connection broke ({detail}); run fetch "
                     "again — it resumes where it stopped"
                 )
-            if outcome.exit_code == 24:
+            if outcome.exit_code == RSYNC_VANISHED:
                 break  # files vanished on the node while fetching: reported by _verify
             raise FetchError(f"fetch from {conn.describe()} failed (exit {outcome.exit_code}): {detail}")
     return received
@@ -810,7 +800,7 @@ def _rsync_argv(
         "--stats",
         "--no-human-readable",
         f"--rsync-path={rsync_path}",
-        f"--rsh={rsh_string(conn.ssh_argv())}",
+        f"--rsh={rsh(conn)}",
     ]
     if wants_compression(conn.host):
         argv.append("--compress")  # worth it on a real network; on loopback it only costs CPU
