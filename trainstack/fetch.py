@@ -35,7 +35,6 @@ import json
 import os
 import posixpath
 import re
-import shlex
 import shutil
 import tempfile
 import time
@@ -47,7 +46,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from trainstack import contract, layout
 from trainstack.errors import FetchError
 from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, rsh, run_rsync
-from trainstack.remote.shell import LinkFailed, last_line, remote_shell, wait_for_node
+from trainstack.remote import scripts
+from trainstack.remote.shell import LinkFailed, last_line, run, wait_for_node
 from trainstack.transfer import Progress, human, say, wants_compression
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ TRANSFER_ATTEMPTS = 3
 #: How many files written outside the results dirs the node lists at most.
 ELSEWHERE_LIMIT = 5000
 _FORMAT = 1
+#: What bootstrap/node/fetch-rsync.sh says when the node has no rsync.
 _MARK_RSYNC_MISSING = "trainstack-fetch: rsync-missing"
 
 
@@ -437,16 +438,11 @@ def _written_elsewhere(target: "Target", conn: "Connection", node: Survey, span:
     file count); asked only when it wrote nothing into them."""
     if span.start_ns is None:
         return {}
-    q = shlex.quote
     run_dir = target.remote_path(contract.Remote.RUNS, span.run_id)
-    until = f"! -newer {q(run_dir + '/finished_at')}" if span.end_ns is not None and not span.run.active else ""
-    script = (
-        f"cd {q(target.remote_path(contract.Remote.WORKDIR))} 2>/dev/null || exit 0\n"
-        f"find . \\( -name .git -o -name __pycache__ \\) -prune -o \\( -type f -o -type l \\) "
-        f"-newer {q(run_dir + '/started_at')} {until} -printf '%P\\0' 2>/dev/null | head -z -n {ELSEWHERE_LIMIT}\n"
-        "exit 0"
-    )
-    code, out, err = remote_shell(conn, script, error=FetchError)
+    args = [target.remote_path(contract.Remote.WORKDIR), str(ELSEWHERE_LIMIT), f"{run_dir}/started_at"]
+    if span.end_ns is not None and not span.run.active:
+        args.append(f"{run_dir}/finished_at")
+    code, out, _ = run(conn, scripts.command("fetch-elsewhere.sh", args), error=FetchError)
     if code != 0:
         return {}
     results = _results(target)
@@ -480,9 +476,6 @@ def _elsewhere_message(target: "Target", span: RunSpan, elsewhere: dict[str, int
 # --- the node's side ------------------------------------------------------------------------
 
 
-_SEPARATOR = b"\x1etrainstack-fetch\x1e\n"
-
-
 def survey(target: "Target", conn: "Connection", *, with_runs: bool = True) -> Survey:
     """In one round trip: every run as the job runner describes it with its lifetime (the
     mtimes of its started_at and finished_at files) and its log, and the files of the
@@ -491,37 +484,21 @@ def survey(target: "Target", conn: "Connection", *, with_runs: bool = True) -> S
     from trainstack.errors import BootstrapFailed
     from trainstack.runs import runner
 
-    q = shlex.quote
     results = _results(target)
-    parts = []
-    if with_runs:
-        parts += [
-            f"r=$({q(runner(target))} list); rc=$?",
-            "printf '%s\\n' \"$rc\" \"$r\"",
-            f"printf {q(_SEPARATOR.decode())}",
-            '[ "$rc" -eq 0 ] || exit 0',
-            f"if cd {q(target.remote_path(contract.Remote.RUNS))} 2>/dev/null; then",
-            "  find . -mindepth 2 -maxdepth 2 -type f \\( -name started_at -o -name finished_at -o -name "
-            f"{q(LOG_NAME)} \\) -printf '%s %T@ %P\\0'",
-            "fi",
-            f"printf {q(_SEPARATOR.decode())}",
-        ]
-    parts.append(f"cd {q(target.remote_path(contract.Remote.WORKDIR))} 2>/dev/null || exit 0")
-    if results:
-        # %f: the raw mode (file or link); %W: birth time, 0 or '-' where the file system keeps none.
-        parts.append(
-            "for rel in " + " ".join(q(r) for r in results) + "; do\n"
-            '  if [ -e "$rel" ] || [ -L "$rel" ]; then find -H "./$rel" \\( -type f -o -type l \\) -print0; fi\n'
-            "done | xargs -0 -r stat --printf '%f %s %.9Y %.9W %n\\0' || :"
-        )
-    code, out, err = remote_shell(conn, "\n".join(parts), error=FetchError)
+    marker = scripts.new_marker()
+    args = [
+        marker, target.remote_path(contract.Remote.WORKDIR), runner(target) if with_runs else "",
+        target.remote_path(contract.Remote.RUNS), *results,
+    ]
+    code, out, err = run(conn, scripts.command("fetch-survey.sh", args), error=FetchError)
     if code != 0:
         raise FetchError(f"listing the results on {conn.describe()} failed: {last_line(err) or f'exit {code}'}")
 
     spans: list[RunSpan] = []
     logs: dict[str, RemoteFile] = {}
+    separator = marker.encode() + b"\n"
     if with_runs:
-        head, _, rest = out.partition(_SEPARATOR)
+        head, _, rest = out.partition(separator)
         lines = head.decode("utf-8", "replace").split("\n")
         status = int(lines[0]) if lines[0].strip().isdigit() else -1
         if status == 127:
@@ -534,7 +511,7 @@ def survey(target: "Target", conn: "Connection", *, with_runs: bool = True) -> S
             raise FetchError(
                 f"listing the runs on {conn.describe()} failed (exit code {status}): {answer or 'no answer'}"
             )
-        times, _, out = rest.partition(_SEPARATOR)
+        times, _, out = rest.partition(separator)
         spans, logs = _spans(lines[1:], times)
     results_listing: dict[str, RemoteFile] = {}
     for entry in out.split(b"\0"):
@@ -774,11 +751,6 @@ def _fetch_rsync(
 def _rsync_argv(
     conn: "Connection", files_from: Path, source: str, destination: Path, bwlimit_kbps: int | None
 ) -> list[str]:
-    q = shlex.quote
-    server = (
-        "command -v rsync >/dev/null 2>&1 || { echo " + q(_MARK_RSYNC_MISSING) + ' >&2; exit 127; }; exec rsync "$@"'
-    )
-    rsync_path = f"sh -c {q(server)} trainstack-fetch"
     argv = [
         "rsync",
         f"--files-from={files_from}",  # exactly the files decided on; local edits are left out
@@ -799,7 +771,7 @@ def _rsync_argv(
         "--info=progress2",
         "--stats",
         "--no-human-readable",
-        f"--rsync-path={rsync_path}",
+        f"--rsync-path={scripts.command('fetch-rsync.sh', [])}",  # says so when rsync is missing there
         f"--rsh={rsh(conn)}",
     ]
     if wants_compression(conn.host):
@@ -828,12 +800,7 @@ def _fetch_tar(
     names = {posixpath.join(workdir, rel): rel for rel in results}
     if want_log:
         names[posixpath.join(run_dir, LOG_NAME)] = LOG_NAME
-    q = shlex.quote
-    # --no-recursion: a listed link to a directory is sent as the link, never what it points at.
-    script = (
-        f"cd {q(target.outputs.remote_root)} && tar -c -f - -H posix --null --no-recursion -T - "
-        f"--transform {q(f's|^{workdir}/||;s|^{run_dir}/||')}"
-    )
+    script = scripts.command("fetch-tar.sh", [target.outputs.remote_root, workdir, run_dir])
     total = sum(group.files[rel].size for rel in wanted)
     done: set[str] = set()
     received = 0
@@ -878,7 +845,7 @@ def _receive_tar(
     from trainstack.errors import TargetUnreachable
 
     try:
-        channel = conn.exec_channel(f"sh -c {shlex.quote(script)}")
+        channel = conn.exec_channel(script)
     except TargetUnreachable as exc:
         raise LinkFailed(str(exc)) from None
     received = 0
