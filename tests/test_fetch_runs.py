@@ -343,6 +343,26 @@ def test_a_refused_local_write_is_named(local_target: Target, connection: Connec
     assert record.read_bytes() == recorded
 
 
+def test_a_record_that_cannot_be_saved_is_named(local_target: Target, connection: Connection) -> None:
+    run_id = finish(connection, "mkdir -p results && echo 1 > results/a.txt")
+    state = Path(local_target.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    before = sorted(os.listdir(state))
+    state.chmod(0o555)
+    try:
+        wrap = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+        out = child(local_target, [["fetch", run_id, "rsync"]], wrap)
+    finally:
+        state.chmod(0o700)
+    (error,) = out["errors"]
+    assert error is not None and "\n" not in error
+    assert "permission denied" in error.lower() and str(state) in error
+    assert sorted(os.listdir(state)) == before  # no half-written record left beside it
+    # The files arrived; the next fetch records them without copying them again.
+    assert f"{run_id}/results/a.txt" in out["tree"]
+    assert fetch(local_target, connection, run_id).fetched == 0
+
+
 # --- 6. results dirs: one rule ------------------------------------------------------------------
 
 

@@ -999,7 +999,19 @@ class _Record:
         }
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the record beside itself and rename it into place; a write the system refuses
+        is said in one line and leaves the record as it was."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": _FORMAT, "runs": self.runs, "results": self.results}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"format": _FORMAT, "runs": self.runs, "results": self.results}), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno not in _DISK_FULL + _REFUSED:
+                raise
+            cause = "the local disk is full" if exc.errno in _DISK_FULL else "permission denied"
+            raise FetchError(
+                f"fetch could not save its record in {self.path.parent}: {cause} ({exc.strerror}); the files "
+                "fetched are in place — fix that and run fetch again to record them"
+            ) from None
