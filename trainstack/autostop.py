@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -132,19 +131,10 @@ def _busy_words(busy: str) -> str:
 def probe_command(remote_root: str) -> str:
     """A POSIX shell command printing `key=value` lines: the node's clock and uptime, its
     active runs, and the watchdog's state file on one line."""
-    root = shlex.quote(remote_root)
-    runner = shlex.quote(posixpath.join(remote_root, contract.Remote.RUNNER))
-    state = shlex.quote(contract.Remote.WATCHDOG_STATE)
-    # Which runs are active is the runner's answer, the one rule the watchdog asks too. A runner
-    # installed before `active` existed gives the same answer as its runs in state "running".
-    return (
-        f"root={root}; "
-        'printf "now=%s\\n" "$(date +%s)"; '
-        'read -r up _ < /proc/uptime && printf "uptime=%s\\n" "$up"; '
-        f"{{ {runner} active 2>/dev/null || {runner} list 2>/dev/null | "
-        """awk -F '\\t' '$2 == "running" {print $1}'; } | sed 's/^/run=/'; """
-        f'if [ -f "$root"/{state} ]; then printf "watchdog="; tr -d "\\n" < "$root"/{state}; echo; fi'
-    )
+    from trainstack.remote import scripts
+
+    runner = posixpath.join(remote_root, contract.Remote.RUNNER)
+    return scripts.command("node-probe.sh", [remote_root, runner, contract.Remote.WATCHDOG_STATE])
 
 
 def parse_probe(text: str) -> NodeSnapshot:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import posixpath
 import shlex
 import threading
 import time
@@ -38,7 +39,6 @@ from trainstack.errors import (
     UsageError,
 )
 from trainstack.runs import (
-    SECTION,
     LogCursor,
     RunInfo,
     StopOutcome,
@@ -321,24 +321,22 @@ def train(
     run_id = run_id or new_run_id()
 
     from trainstack import deps, tools
+    from trainstack.remote import answers, scripts
 
     venv = contract.Remote.VENV
 
     def preflight(node_target: "Target", conn: Connection) -> tuple[int, str | None]:
         """One round trip: the first boot's outcome (and GPUs), the node's runs, its tools'
         digests, its last install's hash."""
-        q = shlex.quote
-        marker = f"printf '\\n%s\\n' {q(SECTION)}"
-        python = q(node_target.remote_path(venv, "bin", "python"))
-        script = (
-            f"cat {q(node_target.remote_path(contract.Remote.READY))} 2>/dev/null; {marker}; "
-            f"{q(runner(node_target))} list; rc=$?; {marker}; {tools.digest_command(conn)}; {marker}; "
-            f"[ -x {python} ] && echo venv && cat {q(node_target.remote_path(venv, deps.RECORD))} 2>/dev/null; exit $rc"
-        )
-        result = conn.run(script, check=False)
+        marker = scripts.new_marker()
+        result = conn.run(scripts.command("train-preflight.sh", [
+            marker, node_target.remote_path(contract.Remote.READY), runner(node_target),
+            node_target.remote_path(contract.Remote.BIN), node_target.remote_path(venv, "bin", "python"),
+            node_target.remote_path(venv, deps.RECORD), *tools.local_tools(),
+        ]), check=False)
         if result.exit_code == contract.RunnerExit.NOT_INSTALLED and "trainstack-run" in result.stderr:
             runner_call(conn, ["list"])  # raises BootstrapFailed, naming what is missing
-        ready, listing, digests, installed = (result.stdout.split(f"\n{SECTION}\n") + ["", "", ""])[:4]
+        ready, listing, digests, installed = answers.sections(result.stdout, marker, 4)
         if not result.ok:
             raise RemoteCommandFailed(f"listing the runs on {conn.describe()} failed: {result.stderr.strip()}", result)
         try:
@@ -506,22 +504,18 @@ class Outcome:
         return f"run {self.run_id} failed: rank {rank} failed first ({describe_exit(code)}){others}"
 
 
-_SEPARATOR = "\x1etrainstack-cluster\x1e"
-
-
 def outcome(nodes: Nodes, run_id: str) -> Outcome:
     """Every rank's record of the run, in one round trip per node (in parallel)."""
+    from trainstack.remote import answers, scripts
 
     def read(node_target: "Target", conn: Connection) -> RankEnd:
+        marker = scripts.new_marker()
         run_dir = node_target.remote_path(contract.Remote.RUNS, run_id)
-        q = shlex.quote
-        script = (
-            f"{q(runner(node_target))} show {q(run_id)}; printf '\\n{_SEPARATOR}\\n'; "
-            f"cat {q(run_dir + '/' + contract.Remote.RUN_STOPPED_BY)} 2>/dev/null; printf '\\n{_SEPARATOR}\\n'; "
-            f"cat {q(run_dir + '/' + contract.Remote.RUN_CLUSTER)} 2>/dev/null; true"
-        )
-        text = conn.run(script).stdout
-        shown, stopped_by, cluster = (text.split(f"\n{_SEPARATOR}\n") + ["", ""])[:3]
+        text = conn.run(scripts.command("run-outcome.sh", [
+            marker, runner(node_target), run_id, posixpath.join(run_dir, contract.Remote.RUN_STOPPED_BY),
+            posixpath.join(run_dir, contract.Remote.RUN_CLUSTER),
+        ])).stdout
+        shown, stopped_by, cluster = answers.sections(text, marker, 3)
         end = RankEnd(conn.node_index, None)
         if shown.strip():
             end.info = RunInfo.parse(shown.strip().splitlines()[-1])

@@ -386,27 +386,21 @@ class NodeStatus:
     load: str = ""
     gpus: list[str] | None = None
     runs: list[RunInfo] | None = None
-    extra: str = ""
 
 
-#: Separates the sections of one remote command's output (a byte no runner output contains).
-SECTION = "\x1etrainstack-section\x1e"
-
-
-def node_status(conn: "Connection", extra: str = "") -> NodeStatus:
-    """The node's facts and runs in one round trip. `extra`, a shell snippet built from quoted
-    parts, runs after them; what it prints is kept in `NodeStatus.extra`."""
+def node_status(conn: "Connection") -> NodeStatus:
+    """The node's facts and runs in one round trip (bootstrap/node/node-status.sh)."""
     import json
 
+    from trainstack.remote import answers, scripts
+
     status = NodeStatus(conn.node_index, f"{conn.host}:{conn.port}", reachable=False)
-    r = shlex.quote(runner(conn.target))
-    marker = f"printf '\\n%s\\n' {shlex.quote(SECTION)}"
-    script = f"{r} info; rc=$?; {marker}; {r} list; {marker}; {extra or ':'}; exit $rc"
+    marker = scripts.new_marker()
     try:
-        result = conn.run(script, check=False)
+        result = conn.run(scripts.command("node-status.sh", [marker, runner(conn.target)]), check=False)
         if result.exit_code == _EXIT.NOT_INSTALLED and "trainstack-run" in result.stderr:
             runner_call(conn, ["info"])  # raises BootstrapFailed, naming what is missing
-        info_text, listing_text, status.extra = (result.stdout.split(f"\n{SECTION}\n") + ["", ""])[:3]
+        info_text, listing_text = answers.sections(result.stdout, marker, 2)
     except (TargetUnreachable, BootstrapFailed) as exc:
         status.error = str(exc)
         status.reachable = isinstance(exc, BootstrapFailed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import shlex
 import tarfile
 import time
 from pathlib import Path
@@ -30,14 +29,8 @@ def local_tools() -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(TOOLS_DIR.iterdir()) if path.is_file()}
 
 
-def digest_command(conn: "Connection") -> str:
-    """A shell snippet printing `sha256sum`'s lines for the node's copies of the tools."""
-    bin_dir = conn.target.remote_path(contract.Remote.BIN)
-    return f"cd {shlex.quote(bin_dir)} 2>/dev/null && sha256sum {' '.join(shlex.quote(n) for n in local_tools())} 2>/dev/null"
-
-
 def stale(listing: str) -> list[str]:
-    """The tools whose node copy (as `digest_command` printed them) is missing or different."""
+    """The tools whose node copy (as `sha256sum` printed their digests) is missing or different."""
     present = {}
     for line in listing.splitlines():
         digest, _, name = line.strip().partition("  ")
@@ -56,13 +49,10 @@ def install(conn: "Connection", names: list[str]) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(tools[name]), 0o755, int(time.time())
             archive.addfile(info, io.BytesIO(tools[name]))
-    bin_dir = shlex.quote(conn.target.remote_path(contract.Remote.BIN))
-    # Unpacked aside and renamed: a runner starting meanwhile never sees half a file.
-    script = (
-        f"set -e; umask 022; mkdir -p {bin_dir}; d=$(mktemp -d {bin_dir}/.tools.XXXXXX); "
-        f'tar -x --no-same-owner -f - -C "$d"; for f in "$d"/*; do mv -f "$f" {bin_dir}/; done; rmdir "$d"'
-    )
-    result = conn.run(["sh", "-c", script], stdin=buffer.getvalue(), check=False)
+    from trainstack.remote import scripts
+
+    bin_dir = conn.target.remote_path(contract.Remote.BIN)
+    result = conn.run(scripts.command("tools-install.sh", [bin_dir]), stdin=buffer.getvalue(), check=False)
     if not result.ok:
         raise RemoteCommandFailed(
             f"installing {', '.join(names)} into {conn.target.remote_path(contract.Remote.BIN)} on "

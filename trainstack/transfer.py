@@ -4,12 +4,11 @@ the choices that depend on the link (compression). Everything that reaches the n
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import socket
 from typing import TYPE_CHECKING
 
-from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RsyncOutcome, rsh_string, run_rsync
+from trainstack.remote.rsync import (
+    ENV_COMPRESS, RSYNC_LINK_FAILURES, RsyncOutcome, is_loopback, rsh_string, run_rsync, wants_compression,
+)
 from trainstack.remote.sftp import read_remote_head
 from trainstack.remote.shell import (
     REMOTE_TIMEOUT, LinkFailed, last_line, raise_ssh_failure, remote_shell, wait_for_node,
@@ -24,35 +23,6 @@ __all__ = [
     "REMOTE_TIMEOUT", "RSYNC_LINK_FAILURES", "LinkFailed", "RsyncOutcome", "last_line", "raise_ssh_failure",
     "read_remote_head", "remote_shell", "rsh_string", "run_rsync", "wait_for_node",
 ]
-
-ENV_COMPRESS = "TRAINSTACK_SYNC_COMPRESS"  # auto | yes | no
-
-
-def wants_compression(host: str) -> bool:
-    """Compress on real networks; on loopback (the local target) compression only costs CPU."""
-    setting = os.environ.get(ENV_COMPRESS, "auto").strip().lower()
-    if setting in ("1", "yes", "true", "on"):
-        return True
-    if setting in ("0", "no", "false", "off"):
-        return False
-    return not is_loopback(host)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if host == "localhost":
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
-
-
-# --- output ----------------------------------------------------------------------------------
 
 
 class Progress:

@@ -56,3 +56,10 @@ def _paths(hex_list: str) -> list[str]:
     except ValueError:
         return []
     return [os.fsdecode(p) for p in raw.split(b"\0") if p]
+
+
+def sections(stdout: str, marker: str, count: int) -> list[str]:
+    """The `count` sections of a program's output, each ended by `marker` on a line of its
+    own (`scripts.new_marker`); a section the program did not reach is empty."""
+    parts = stdout.split(f"\n{marker}\n")
+    return (parts + [""] * count)[:count]

@@ -3,7 +3,10 @@ output and statistics, and what its exit codes mean. Shared by sync and fetch.""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,82 @@ def rsh(conn: "Connection", head: Path | None = None, fifo: Path | None = None) 
         assert fifo is not None
         argv = ["sh", "-c", _RELAY, str(head), str(fifo), *argv]
     return rsh_string(argv)
+
+
+def argv(
+    conn: "Connection",
+    *,
+    files_from: Path,
+    push: tuple[str, str] | None = None,
+    pull: tuple[str, str] | None = None,
+    program: str,
+    head: Path | None = None,
+    fifo: Path | None = None,
+    options: Sequence[str] = (),
+    bwlimit_kbps: int | None = None,
+) -> list[str]:
+    """rsync's argv for exactly the listed files, between a local dir and one on the node.
+
+    `push` (local dir, node dir) or `pull` (node dir, local dir). `program`: the node's side
+    (`scripts.command(...)`: a node program that runs `rsync "$@"` in the end). `head`/`fifo`:
+    bytes the node program reads from its stdin before rsync's stream (see `rsh`).
+    `options`: the caller's own, after the common ones."""
+    common = [
+        "rsync",
+        f"--files-from={files_from}",  # exactly the listed files, nothing else
+        "--from0",  # NUL-separated: any file name, even with newlines
+        "--no-implied-dirs",  # parent dirs are created as needed; their attributes do not matter
+        "--links",  # symlinks stay symlinks; their targets are never followed
+        "--perms",  # keep the executable bit of scripts
+        "--times",  # mtimes make rsync's quick check (and the next sync or fetch) work
+        "--out-format=%i %n%L",  # one itemized line per change: what was transferred
+        "--info=progress2",  # one overall progress line for the bar
+        "--stats",  # bytes on the wire for the summary
+        "--no-human-readable",  # plain integers to parse
+        f"--rsync-path={program}",
+        f"--rsh={rsh(conn, head, fifo)}",
+        *options,
+    ]
+    if wants_compression(conn.host):
+        common.append("--compress")  # worth it on a real network; on loopback it only costs CPU
+    if bwlimit_kbps:
+        common.append(f"--bwlimit={int(bwlimit_kbps)}")
+    if push is not None:
+        local, remote = push
+        return [*common, f"{local.rstrip('/')}/", f"{conn.destination}:{remote.rstrip('/')}/"]
+    assert pull is not None
+    remote, local = pull
+    return [*common, f"{conn.destination}:{remote.rstrip('/')}/", f"{local.rstrip('/')}/"]
+
+
+ENV_COMPRESS = "TRAINSTACK_SYNC_COMPRESS"  # auto | yes | no
+
+
+def wants_compression(host: str) -> bool:
+    """Compress on real networks; on loopback (the local target) compression only costs CPU."""
+    setting = os.environ.get(ENV_COMPRESS, "auto").strip().lower()
+    if setting in ("1", "yes", "true", "on"):
+        return True
+    if setting in ("0", "no", "false", "off"):
+        return False
+    return not is_loopback(host)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+# --- output ----------------------------------------------------------------------------------
 
 
 @dataclass

@@ -17,8 +17,8 @@ NODE_DIR = Path(__file__).resolve().parent.parent.parent / "bootstrap" / "node"
 LIB = "sync-lib.sh"
 
 
-#: Programs that use no shared function are sent alone.
-STANDALONE = frozenset({"sync-session.sh", "sync-manifests.sh"})
+#: The programs that use the shared functions of sync-lib.sh (the others are sent alone).
+WITH_LIB = frozenset({"sync-apply.sh", "sync-rsync.sh"})
 
 
 @lru_cache(maxsize=None)
@@ -26,7 +26,7 @@ def text(name: str) -> str:
     """The program `name` (a file in bootstrap/node/), preceded by the shared functions,
     as sent: without comment lines and indentation (it crosses the link with every sync)."""
     own = (NODE_DIR / name).read_text("utf-8")
-    full = own if name in STANDALONE else (NODE_DIR / LIB).read_text("utf-8") + "\n" + own
+    full = (NODE_DIR / LIB).read_text("utf-8") + "\n" + own if name in WITH_LIB else own
     return _compact(full)
 
 
@@ -46,3 +46,11 @@ def inline(name: str, args: Sequence[str]) -> str:
     """The program with `args` as positional parameters, for a shell that is already
     running (a sync's open session): `set --`, then its text."""
     return "set -- " + " ".join(shlex.quote(a) for a in args) + "\n" + text(name)
+
+
+def new_marker() -> str:
+    """A line that ends each section of a program's output: new for every call, so no
+    output can contain it (see `answers.sections`)."""
+    import os
+
+    return f"trainstack-section-{os.urandom(8).hex()}"

@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainstack.remote import answers, scripts
-from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, RsyncOutcome, rsh, run_rsync
+from trainstack.remote import answers, rsync, scripts
+from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, RsyncOutcome, run_rsync
 from trainstack.remote.shell import LinkFailed, last_line
 from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, RsyncMissing, node_outcome
 from trainstack.sync.plan import Plan, kib_needed, nul_list, owned_records
 from trainstack.sync.result import TRANSPORT_RSYNC
-from trainstack.transfer import Progress, wants_compression
+from trainstack.transfer import Progress
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -46,32 +46,13 @@ class RsyncPush:
         self.bwlimit_kbps = bwlimit_kbps
         self.answers = answers.Answers()  # what the node's end said in the last run
 
-    def argv(self, files_from: Path, *, rsync_path: str, rsh: str) -> list[str]:
-        argv = [
-            "rsync",
-            f"--files-from={files_from}",  # exactly the changed (or shipped) set, nothing else
-            "--from0",  # NUL-separated: any file name, even with newlines
-            "--no-implied-dirs",  # parent dirs are created as needed; theirs attributes do not matter
-            "--links",  # symlinks stay symlinks; their targets are never followed
-            "--perms",  # keep the executable bit of scripts
-            "--times",  # mtimes make rsync's quick check work next time
-            "--omit-dir-times",
-            "--out-format=%i %n%L",  # one itemized line per change: counts and the --dry-run listing
-            "--info=progress2",  # one overall progress line for the bar
-            "--stats",  # bytes on the wire for the summary
-            "--no-human-readable",  # plain integers to parse
-            f"--rsync-path={rsync_path}",  # the wrapper: manifest check, deletions, install
-            f"--rsh={rsh}",
-        ]
-        for rel in self.remote.results:
-            # Belt and braces: even a list that named them could not touch the results dirs.
-            argv.append(f"--exclude=/{rel.strip('/')}/***")
-        if wants_compression(self.conn.host):
-            argv.append("--compress")  # worth it on a real network; on loopback it only costs CPU
-        if self.bwlimit_kbps:
-            argv.append(f"--bwlimit={int(self.bwlimit_kbps)}")
-        argv += [f"{self.workdir}/", f"{self.conn.destination}:{self.remote.workdir}/"]
-        return argv
+    def argv(self, files_from: Path, program: str, head: Path, fifo: Path) -> list[str]:
+        # Belt and braces: even a list that named them could not touch the results dirs.
+        excludes = [f"--exclude=/{rel.strip('/')}/***" for rel in self.remote.results]
+        return rsync.argv(
+            self.conn, files_from=files_from, push=(str(self.workdir), self.remote.workdir), program=program,
+            head=head, fifo=fifo, options=["--omit-dir-times", *excludes], bwlimit_kbps=self.bwlimit_kbps,
+        )
 
     def push(self, plan: Plan) -> RsyncOutcome:
         with tempfile.TemporaryDirectory(prefix="trainstack-sync-") as tmp:
@@ -103,7 +84,7 @@ class RsyncPush:
         head.write_bytes(b"".join(blobs))
         fifo = tmp / "stream"
         os.mkfifo(fifo, 0o600)
-        outcome = self._run(self.argv(files_from, rsync_path=rsync_path, rsh=rsh(self.conn, head, fifo)), tmp, total)
+        outcome = self._run(self.argv(files_from, rsync_path, head, fifo), tmp, total)
         outcome.bytes_sent += head.stat().st_size  # our blobs travel ahead of rsync's stream
         return outcome
 
