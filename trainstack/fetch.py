@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract, layout
 from trainstack.errors import FetchError
-from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, rsh, run_rsync
+from trainstack.remote import rsync
+from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, run_rsync
 from trainstack.remote import scripts
 from trainstack.remote.shell import LinkFailed, last_line, run, wait_for_node
-from trainstack.transfer import Progress, human, say, wants_compression
+from trainstack.transfer import Progress, human, say
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -751,35 +752,22 @@ def _fetch_rsync(
 def _rsync_argv(
     conn: "Connection", files_from: Path, source: str, destination: Path, bwlimit_kbps: int | None
 ) -> list[str]:
-    argv = [
-        "rsync",
-        f"--files-from={files_from}",  # exactly the files decided on; local edits are left out
-        # Parents are created as needed (the node's dir attributes do not matter), and a results
-        # dir that is a link on the node (to a bigger volume) is read through, arriving as a dir.
-        "--no-implied-dirs",
-        "--from0",  # NUL-separated: any file name
-        # Every listed file was decided on from its size and nanosecond mtime; rsync's own quick
-        # check (whole seconds here) would skip a same-size rewrite within the second.
-        "--ignore-times",
-        # Links inside results arrive as links, whatever they point at, and are never followed
-        # (no --copy-dirlinks: it turned a link to a directory into a directory and failed).
-        "--links",
-        "--times",  # local mtimes match the node's: the next fetch can tell what changed
-        "--perms",
-        f"--partial-dir={PARTIAL_DIR}",  # keep half-fetched files apart, and resume from them
-        "--out-format=%i %n%L",
-        "--info=progress2",
-        "--stats",
-        "--no-human-readable",
-        f"--rsync-path={scripts.command('fetch-rsync.sh', [])}",  # says so when rsync is missing there
-        f"--rsh={rsh(conn)}",
-    ]
-    if wants_compression(conn.host):
-        argv.append("--compress")  # worth it on a real network; on loopback it only costs CPU
-    if bwlimit_kbps:
-        argv.append(f"--bwlimit={int(bwlimit_kbps)}")
-    argv += [f"{conn.destination}:{source.rstrip('/')}/", f"{destination}/"]
-    return argv
+    """The common rsync argv of the remote layer (exactly the listed files, links kept as
+    links — never --copy-dirlinks, which turned a link to a directory into a directory and
+    failed), pulling, with fetch's own options."""
+    return rsync.argv(
+        conn,
+        files_from=files_from,
+        pull=(source, str(destination)),
+        program=scripts.command("fetch-rsync.sh", []),  # says so when rsync is missing there
+        options=[
+            # Every listed file was decided on from its size and nanosecond mtime; rsync's own quick
+            # check (whole seconds here) would skip a same-size rewrite within the second.
+            "--ignore-times",
+            f"--partial-dir={PARTIAL_DIR}",  # keep half-fetched files apart, and resume from them
+        ],
+        bwlimit_kbps=bwlimit_kbps,
+    )
 
 
 # --- tar fallback ---------------------------------------------------------------------------
