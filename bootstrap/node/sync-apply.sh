@@ -25,7 +25,7 @@ root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 need=$6
 shift 6
 m="$root/.trainstack-manifest.json"
 
-mkdir -p "$root" || answer failed "cannot create $root"
+[ -d "$root" ] || mkdir -p "$root" || answer failed "cannot create $root"
 sync_lock "$root" "$wait"
 [ "$expect" = any ] || check_manifest "$m" "$expect"
 [ "$need" -gt 0 ] && need_space "$root" "$need"
@@ -47,10 +47,6 @@ mv "$c" "$s/c" || answer failed "cannot write in $s"
 c="$s/c"
 for list in check owned delete rmdir; do [ -f "$c/$list" ] || : > "$c/$list"; done
 
-if [ "$expect" = none ] && [ $# -eq 0 ]; then
-  # A first sync: what it writes is what arrived.
-  (cd "$s/f" && find . -mindepth 1 \( -type f -o -type l \) -print0) > "$c/check"
-fi
 
 # From here on the client may vanish: the node finishes on its own.
 trap '' HUP PIPE INT TERM
@@ -71,7 +67,11 @@ else
   ' "$c/patch" "$m" > "$c/new" || answer failed "cannot patch $m"
 fi
 
-if [ -d "$w" ]; then
+if [ -d "$w" ] && [ -n "$(ls -A "$w")" ]; then
+  if [ "$expect" = none ] && [ $# -eq 0 ]; then
+    # A first sync into a workdir that holds files: what it writes is what arrived.
+    (cd "$s/f" && find . -mindepth 1 \( -type f -o -type l \) -print0) > "$c/check"
+  fi
   find_conflicts "$w" "$c" "$@"
 else
   : > "$c/conflicts"

@@ -33,11 +33,18 @@ sync_lock() {
 }
 
 # scratch_dir SCRATCH KIND: a fresh directory for this sync alone. Under the lock no other
-# sync is running, so whatever an earlier, interrupted sync left in SCRATCH is removed first.
+# sync is running, so whatever an earlier, interrupted sync left in SCRATCH is removed first
+# (shell globs tell whether there is anything: no process for the usual empty dir).
 scratch_dir() {
-  mkdir -p "$1" || answer failed "cannot create $1"
-  find "$1" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} + 2>/dev/null
-  mktemp -d "$1/$2.XXXXXXXX" || answer failed "cannot create a directory in $1"
+  if [ -d "$1" ]; then
+    for stale in "$1"/* "$1"/.[!.]*; do
+      if [ -e "$stale" ] || [ -L "$stale" ]; then rm -rf -- "$stale"; fi
+    done
+  else
+    mkdir -p "$1" || answer failed "cannot create $1"
+  fi
+  mkdir "$1/$2.$$" || answer failed "cannot create a directory in $1"
+  printf '%s\n' "$1/$2.$$"
 }
 
 # check_manifest MANIFEST EXPECT: the node still holds what the laptop planned against.
@@ -114,9 +121,11 @@ only_in() {
 
 # need_space DIR KIB: refuse, before anything changes, a sync that cannot fit.
 need_space() {
-  avail=$(df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }')
-  case $avail in ''|*[!0-9]*) return 0 ;; esac
-  [ "$avail" -ge "$2" ] || answer disk-full "$avail"
+  # shellcheck disable=SC2046 # two numbers: free blocks, block size
+  set -- "$2" $(stat -f -c '%a %S' "$1" 2>/dev/null)
+  [ $# -eq 3 ] || return 0
+  avail=$(( $2 * $3 / 1024 ))
+  [ "$avail" -ge "$1" ] || answer disk-full "$avail"
 }
 
 # is_disk_full TEXT: whether an error message says the disk (or its inodes) ran out.
