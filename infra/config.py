@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import pulumi
 
-from infra.hardware import is_instance_type
+from .hardware import is_instance_type
 from trainstack import contract
 
 NAMESPACE = contract.CONFIG_NAMESPACE

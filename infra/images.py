@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import pulumi
 import pulumi_aws as aws
 
-from infra.hardware import Gpu, Hardware
+from .hardware import Gpu, Hardware
 from trainstack import contract
 
 CANONICAL_OWNER = "099720109477"

@@ -14,10 +14,10 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_tls as tls
 
-from infra import images, userdata
-from infra.config import ExperimentConfig
-from infra.hardware import Hardware
-from infra.preflight import Site
+from . import images, userdata
+from .config import ExperimentConfig
+from .hardware import Hardware
+from .preflight import Site
 from trainstack import contract
 
 COMPONENT_TYPE = "trainstack:index:ExperimentMachines"

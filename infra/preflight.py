@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import pulumi
 
-from infra import userdata
-from infra.config import AMI, INSTANCE_TYPE, SUBNET_ID, SSH_PUBLIC_KEY, ExperimentConfig, full_key
-from infra.hardware import Hardware
-from infra.images import CloudLookups, Subnet
+from . import userdata
+from .config import AMI, INSTANCE_TYPE, SUBNET_ID, SSH_PUBLIC_KEY, ExperimentConfig, full_key
+from .hardware import Hardware
+from .images import CloudLookups, Subnet
 
 SERVICE_QUOTAS_URL = "https://console.aws.amazon.com/servicequotas/home/services/ec2/quotas"
 
@@ -148,7 +148,7 @@ def _check_quota(cfg: ExperimentConfig, hw: Hardware, lookups: CloudLookups, reg
 
 def _check_user_data_size(cfg: ExperimentConfig) -> None:
     """Renders the user-data with a stand-in host key of the generated key's exact size."""
-    from infra.machine import bootstrap_inputs  # the inputs every machine gets
+    from .machine import bootstrap_inputs  # the inputs every machine gets
 
     inputs = bootstrap_inputs(
         cfg,

@@ -7,10 +7,10 @@ from typing import Any
 
 import pulumi
 
-from infra import preflight
-from infra.config import ExperimentConfig
-from infra.images import AwsLookups, CloudLookups
-from infra.machine import ExperimentMachines
+from . import preflight
+from .config import ExperimentConfig
+from .images import AwsLookups, CloudLookups
+from .machine import ExperimentMachines
 from trainstack import contract
 from trainstack.contract import Outputs
 

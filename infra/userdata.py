@@ -26,11 +26,12 @@ from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from pathlib import Path
 
-from trainstack import contract
+from trainstack import bundled, contract
 
-BOOTSTRAP_DIR = Path(__file__).resolve().parent.parent / "bootstrap"
-TEMPLATE_PATH = BOOTSTRAP_DIR / "bootstrap.sh.tmpl"
-BIN_DIR = BOOTSTRAP_DIR / "bin"
+# bootstrap/ of the checkout, or the installed wheel's copy of it.
+BOOTSTRAP_DIR = bundled.bootstrap_dir()
+TEMPLATE_PATH = bundled.template_path()
+BIN_DIR = bundled.bin_dir()
 
 #: uv installed on the machine from PyPI; the same version the laptop side is tested with.
 UV_VERSION = "0.13.9"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainstack import contract, layout
+from trainstack import bundled, contract, layout
 from trainstack.errors import LocalTargetError, UsageError
 from trainstack.layout import local_dir
 from trainstack.layout import local_outputs_path as outputs_path  # noqa: F401  (callers know it by this name)
@@ -45,9 +45,9 @@ PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 15.0
 MAX_NODES = 16
 #: The bootstrap's own scripts, installed into <remote_root>/bin like on a real machine.
-BOOTSTRAP_BIN = Path(__file__).resolve().parent.parent / "bootstrap" / "bin"
+BOOTSTRAP_BIN = bundled.bin_dir()
 #: What `invoke train` installs beside them (see trainstack/tools.py).
-BOOTSTRAP_TOOLS = BOOTSTRAP_BIN.parent / "tools"
+BOOTSTRAP_TOOLS = bundled.tools_dir()
 
 
 @dataclass
@@ -388,7 +388,12 @@ def find_uv() -> str | None:
     beside_python = Path(sys.executable).parent / "uv"
     if beside_python.is_file():
         return str(beside_python)
-    return shutil.which("uv")
+    try:  # the uv package trainstack depends on knows where its binary went
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
 
 
 def free_port() -> int:

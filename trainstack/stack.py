@@ -259,7 +259,10 @@ def resolve_workdir(
     else:
         configured = config.get(f"{contract.CONFIG_NAMESPACE}:workdir")
         if not isinstance(configured, str) or not configured.strip():
-            return None
+            if not (project_dir / "Pulumi.yaml").is_file():
+                return None
+            # A project's stack without the setting ships the project: the setting's default, ".".
+            configured = "."
         origin = f"trainstack:workdir in {stack_config_path(stack, project_dir).name}"
         path = Path(configured).expanduser()
         path = path if path.is_absolute() else project_dir / path

@@ -13,16 +13,15 @@ import io
 import posixpath
 import tarfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainstack import contract
+from trainstack import bundled, contract
 from trainstack.errors import RemoteCommandFailed
 
 if TYPE_CHECKING:
     from trainstack.remote.connection import Connection
 
-TOOLS_DIR = Path(__file__).resolve().parent.parent / "bootstrap" / "tools"
+TOOLS_DIR = bundled.tools_dir()
 
 
 def local_tools() -> dict[str, bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 INFRA = REPO / "infra"
-ALLOWED_TRAINSTACK_MODULES = {"trainstack.contract"}
+ALLOWED_TRAINSTACK_MODULES = {"trainstack.contract", "trainstack.bundled"}
 
 
 def _imports(path: Path) -> set[str]:

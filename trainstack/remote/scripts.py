@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import shlex
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
-NODE_DIR = Path(__file__).resolve().parent.parent.parent / "bootstrap" / "node"
+from trainstack import bundled
+
+NODE_DIR = bundled.node_dir()
 LIB = "sync-lib.sh"
 
 

@@ -1,0 +1,405 @@
+"""trainstack's tasks: `invoke --list`. Each is a thin wrapper around `trainstack.*`.
+
+A project imports them with one line in its tasks.py, `from trainstack.tasks import ns`
+(`trainstack init` writes it); the `trainstack` command runs the same collection without one.
+
+Every workflow task takes --stack/-s (default: $TRAINSTACK_STACK, else the Pulumi CLI's
+selected stack; `local` is the local target) and --workdir (the project to ship; default
+$TRAINSTACK_WORKDIR, else the stack's trainstack:workdir). Imports are lazy so that
+`invoke --list` stays fast and never loads Pulumi.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+from invoke import Collection, Program, task
+
+from trainstack import __version__
+from trainstack.console import handle_errors, note, success
+
+# What invoke and this file imported lives as long as the process: frozen, the garbage
+# collector skips it during every task and at exit (about 20 ms of a no-op sync).
+gc.freeze()
+
+STACK_HELP = "stack (experiment) to act on; default $TRAINSTACK_STACK or pulumi's selected stack; 'local' = local target"
+WORKDIR_HELP = "the project to ship; default $TRAINSTACK_WORKDIR or the stack's trainstack:workdir"
+COMMON_HELP = {"stack": STACK_HELP, "workdir": WORKDIR_HELP}
+WAIT_TIMEOUT_SECONDS = 900
+
+
+def _target(stack: str | None, workdir: str | None):
+    from trainstack.stack import resolve_target
+
+    return resolve_target(stack, workdir)
+
+
+def _target_and_node(stack: str | None, workdir: str | None, node: object):
+    """The target and the --node rank (None: every node); an out-of-range rank is a usage error."""
+    target = _target(stack, workdir)
+    rank = _int_option("node", node)
+    if rank is not None:
+        target.node(rank)
+    return target, rank
+
+
+def _connection(target, node: int = 0):
+    from trainstack.remote.connection import Connection
+
+    return Connection(target, node, notify=note)
+
+
+def _console():
+    from trainstack.console import stderr_console
+
+    return stderr_console()
+
+
+def _int_option(name: str, value: object) -> int | None:
+    """Numbers arrive as strings: an int default would make invoke's parser die with a traceback."""
+    from trainstack.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UsageError(f"--{name} takes a whole number, not {value!r}") from None
+
+
+def _wait_seconds(timeout: object) -> float:
+    """--timeout of `wait` and `up`: how long to wait for the machines (default 900 s)."""
+    seconds = _int_option("timeout", timeout)
+    return float(WAIT_TIMEOUT_SECONDS if seconds is None else seconds)
+
+
+@task(help={**COMMON_HELP, "timeout": "seconds to wait before giving up (default 900)"})
+@handle_errors
+def wait(c, stack=None, workdir=None, timeout=None):
+    """Wait until every node answers SSH and finished its first-boot setup."""
+    from trainstack.wait import wait_ready
+
+    target = _target(stack, workdir)
+    states = wait_ready(target, _wait_seconds(timeout), notify=note)
+    success(f"stack '{target.stack}' is ready ({len(states)} node(s))")
+
+
+@task(help={**COMMON_HELP, "dry_run": "show what would change, change nothing"})
+@handle_errors
+def sync(c, stack=None, workdir=None, dry_run=False):
+    """Ship the project to the node (incremental; results dirs are never touched)."""
+    target = _target(stack, workdir)
+    target.require_workdir()
+    with _connection(target) as conn:
+        conn.open_master()  # the handshake, if any, runs while the rest loads
+        from trainstack.sync import sync as sync_project
+
+        sync_project(target, conn, dry_run=dry_run, console=_console())
+
+
+@task(
+    iterable=["env"],
+    help={
+        **COMMON_HELP,
+        "command": "the training command (default: the stack's trainstack:command)",
+        "sync": "sync the project first (--no-sync to skip)",
+        "follow": "stream the log until the run ends, then exit with its exit code",
+        "force": "start even while another run is active",
+        "env": "KEY=VALUE for the run's environment (repeatable)",
+        "torchrun": "run the command (a script and its arguments) under torchrun on every node "
+                    "(default: the stack's trainstack:launcher)",
+        "master_port": "port of rank 0's rendezvous store (default 29500; the next port is also used)",
+        "nproc_per_node": "processes per node under torchrun (default: the node's GPUs, 1 without)",
+    },
+)
+@handle_errors
+def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, force=False, env=None,
+          torchrun=False, master_port=None, nproc_per_node=None):
+    """Sync, install dependencies, and start a training run on every node, detached from this terminal."""
+    from trainstack import cluster
+    from trainstack.console import node_console
+
+    target = _target(stack, workdir)
+    with cluster.Nodes(target, notify=note) as nodes:
+        sync_step = None
+        if sync:
+            from trainstack.sync import LocalTree, sync as sync_project
+
+            tree = LocalTree()  # listed and hashed once, shipped to every node
+
+            def sync_step(node_target, conn):
+                return sync_project(node_target, conn, console=node_console(conn.node_index, len(nodes)), tree=tree)
+
+        run = cluster.train(
+            target, nodes, command=command, sync=sync_step, force=force, env=env or (), torchrun=torchrun,
+            master_port=_int_option("master-port", master_port),
+            processes_per_node=_int_option("nproc-per-node", nproc_per_node), notify=note,
+        )
+        print(run.run_id, flush=True)
+        if follow:
+            code = cluster.logs(target, nodes, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
+            if code:
+                raise SystemExit(code)
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the latest run)",
+        "follow": "keep streaming until the run ends (default; --no-follow prints what is there)",
+        "tail": "start with the last N lines instead of the whole log",
+        "node": "the node (rank) whose log to show (default 0, the head)",
+        "all": "every node's log, interleaved, each line prefixed with its rank",
+    }
+)
+@handle_errors
+def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=None, all=False):
+    """Stream a run's log; exits with the run's exit code (a failed rank's, naming it) once it has ended."""
+    from trainstack import cluster
+
+    target, rank = _target_and_node(stack, workdir, node)
+    with cluster.Nodes(target, notify=note) as nodes:
+        code = cluster.logs(
+            target, nodes, run, node=rank, all_nodes=bool(all), follow=follow,
+            tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note,
+        )
+    if code:
+        raise SystemExit(code)
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the active run)",
+        "grace": "seconds between SIGTERM and SIGKILL (default 10)",
+        "node": "stop it on this node (rank) only (default: on every node)",
+    }
+)
+@handle_errors
+def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
+    """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
+    from trainstack.cluster import stop_and_report
+
+    target, rank = _target_and_node(stack, workdir, node)
+    seconds = _int_option("grace", grace)
+    stop_and_report(target, rank, run, grace=float(10 if seconds is None else seconds), notify=note, succeed=success)
+
+
+@task(help={**COMMON_HELP, "node": "only this node (rank)"})
+@handle_errors
+def status(c, stack=None, workdir=None, node=None):
+    """Per node: reachable, bootstrap state, active run, last runs, GPUs, disk."""
+    from trainstack.status import show_status
+
+    target, rank = _target_and_node(stack, workdir, node)
+    show_status(target, None if rank is None else [rank])
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "run": "run id (default: the latest run)",
+        "node": "fetch from this node (rank) into runs/<stack>/<run-id>/node-K/ (default: node 0, into runs/<stack>/<run-id>/)",
+        "all_nodes": "fetch from every node, each into runs/<stack>/<run-id>/node-K/",
+    }
+)
+@handle_errors
+def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
+    """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
+    from trainstack.cluster import fetch_nodes
+
+    target, rank = _target_and_node(stack, workdir, node)
+    fetch_nodes(target, run, rank=rank, all_nodes=bool(all_nodes), console=_console(), notify=note)
+
+
+@task(help={**COMMON_HELP, "node": "node index (default 0, the head)"})
+@handle_errors
+def ssh(c, stack=None, workdir=None, node=None):
+    """Open a shell on a node, in the synced workdir."""
+    import os
+
+    from trainstack.remote.shell import interactive_argv
+
+    target = _target(stack, workdir)
+    index = _int_option("node", node) or 0
+    target = target.for_node(index)  # on the local target each node has a root of its own
+    conn = _connection(target, index)
+    argv = interactive_argv(conn, target.remote_path("workdir"), tty=sys.stdin.isatty())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)
+
+
+@task(name="ssh-config", help={**COMMON_HELP, "print_only": "print the Host entry instead of installing it"})
+@handle_errors
+def ssh_config(c, stack=None, workdir=None, print_only=False):
+    """Add a Host entry `trainstack-<stack>` to ~/.ssh/config (pinned host key, stack's key)."""
+    from trainstack import ssh_config as entries
+
+    target = _target(stack, workdir)
+    if print_only:
+        sys.stdout.write(entries.entries(target))
+        return
+    path = entries.install(target)
+    success(f"wrote {path}; connect with `ssh {entries.host_alias(target)}`")
+
+
+def _float_option(name: str, value: object) -> float | None:
+    from trainstack.errors import UsageError
+
+    if value is None or value == "":
+        return None
+    try:
+        return float(str(value))
+    except ValueError:
+        raise UsageError(f"--{name} takes a number, not {value!r}") from None
+
+
+def _project_dir() -> Path:
+    from trainstack.stack import find_project_dir
+
+    return find_project_dir(Path.cwd())
+
+
+@task(
+    # No short flags: -s means --stack everywhere else, and new has no stack yet.
+    auto_shortflags=False,
+    help={
+        "name": "the experiment's name: letters, digits, '-', '_', '.'",
+        "instance_type": "EC2 instance type (default t3.micro)",
+        "spot": "run on spot capacity (cheaper; the machine is gone when AWS takes it back)",
+        "nodes": "number of machines (default 1)",
+        "workdir": "the project to ship, relative to this directory (default .)",
+        "command": "the training command, e.g. 'python train.py'",
+        "idle_minutes": "stop the machine after this many minutes idle (default 30; 0: never)",
+        "max_hours": "stop it this many hours after it started, even while busy (default: no limit)",
+        "region": "AWS region (default us-east-1)",
+        "cidr": "the address allowed to SSH in (default: your public address, looked up once)",
+    },
+)
+@handle_errors
+def new(c, name, instance_type="t3.micro", spot=False, nodes=None, workdir=".", command="", idle_minutes=None,
+        max_hours=None, region="us-east-1", cidr=None):
+    """Create Pulumi.NAME.yaml for a new experiment; SSH is allowed from your address only."""
+    from trainstack.lifecycle import ExperimentSpec, caller_cidr, check_experiment_name, new_experiment
+
+    project = _project_dir()
+    check_experiment_name(name)
+    spec = ExperimentSpec(
+        instance_type=instance_type, spot=bool(spot), nodes=_int_option("nodes", nodes) or 1, workdir=workdir,
+        command=command or "", idle_minutes=30 if idle_minutes is None else _int_option("idle-minutes", idle_minutes),
+        max_hours=_float_option("max-hours", max_hours), region=region,
+    )
+    path = new_experiment(name, project, spec, caller_cidr(cidr))
+    success(f"wrote {path.name}; create the machines with `invoke up -s {name}`")
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
+        "wait": "wait until the machines are ready (default; --no-wait returns after pulumi up)",
+        "timeout": "seconds to wait for the machines (default 900)",
+        "new_image": "move the machines to the newest image (replaces them: their disks are lost)",
+    }
+)
+@handle_errors
+def up(c, stack=None, wait=True, timeout=None, new_image=False):
+    """Create or update the experiment's machines (`pulumi up --refresh`), after saying what they cost."""
+    from trainstack.lifecycle import AutomationEngine, up_experiment
+    from trainstack.stack import resolve_stack_name
+
+    project = _project_dir()
+    name = resolve_stack_name(stack, project)
+    up_experiment(name, project, AutomationEngine(), note, new_image=bool(new_image))
+    if wait:
+        from trainstack.wait import wait_ready
+
+        wait_ready(_target(name, None), _wait_seconds(timeout), notify=note)
+    success(f"stack '{name}' is up")
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
+        "force": "destroy even while a run is active or results were not fetched",
+        "fetch": "fetch the results first, then destroy",
+    }
+)
+@handle_errors
+def down(c, stack=None, force=False, fetch=False):
+    """Destroy the experiment's machines: not while a run is active or results are not fetched."""
+    from trainstack.lifecycle import AutomationEngine, down_experiment
+    from trainstack.stack import resolve_stack_name
+
+    project = _project_dir()
+    name = resolve_stack_name(stack, project)
+
+    def fetch_results(target):
+        from trainstack.cluster import fetch_nodes
+
+        # Every node's results: a multi-node run's parts land side by side, node-K/.
+        fetch_nodes(target, None, all_nodes=target.node_count > 1, console=_console(), notify=note)
+
+    down_experiment(name, project, engine=AutomationEngine(), notify=note, force=bool(force),
+                    fetch=bool(fetch), fetcher=fetch_results)
+    success(f"stack '{name}' destroyed")
+
+
+@task
+@handle_errors
+def ls(c):
+    """Every experiment of this project: state, machines, uptime, cost so far, active run, auto-stop."""
+    from trainstack.experiments import list_experiments, render
+
+    render(list_experiments(_project_dir()))
+
+
+@task(name="up", help={"nodes": "number of nodes (default 1)"})
+@handle_errors
+def local_up(c, nodes=None):
+    """Start the local target: a real sshd on 127.0.0.1 playing a cloud machine (stack 'local')."""
+    from trainstack.local import LocalTarget
+    from trainstack.stack import find_project_dir
+
+    target = LocalTarget(find_project_dir(Path.cwd()))
+    count = _int_option("nodes", nodes)
+    outputs = target.up(1 if count is None else count)
+    for index, node in enumerate(outputs.nodes):
+        label = "local target up" if len(outputs.nodes) == 1 else f"local node {index} up"
+        success(f"{label}: {outputs.ssh_user}@{node.host}:{node.port}, remote root {node.remote_root or outputs.remote_root}")
+    note("use it with --stack local (or TRAINSTACK_STACK=local); stop it with `invoke local.down`")
+
+
+@task(name="down")
+@handle_errors
+def local_down(c):
+    """Stop the local target's sshd and its runs, and remove it."""
+    from trainstack.local import LocalTarget
+    from trainstack.stack import find_project_dir
+
+    if LocalTarget(find_project_dir(Path.cwd())).down():
+        success("local target stopped and removed")
+    else:
+        note("the local target was not running")
+
+
+@task
+@handle_errors
+def init(c):
+    """Make this directory a trainstack project: Pulumi.yaml, __main__.py and tasks.py (never overwritten)."""
+    from trainstack.project import init_project
+
+    init_project(Path.cwd(), note=note, succeed=success)
+
+
+local = Collection("local")
+local.add_task(local_up)
+local.add_task(local_down)
+
+ns = Collection(init, wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, new, up, down, ls)
+ns.add_collection(local)
+
+#: The `trainstack` command: the same tasks with no tasks.py (pyproject.toml's [project.scripts]).
+program = Program(namespace=ns, name="trainstack", binary="trainstack", version=__version__)
