@@ -70,6 +70,10 @@ CLIENT_STOP_AFTER_SECONDS = 10.0
 POLL_SECONDS = 1.0
 VERDICT_WAIT_SECONDS = 5.0
 STOP_GRACE_SECONDS = 10.0
+#: Every run's environment unless --env says otherwise: Python writes each print() at once
+#: (a log is not a terminal, so it would block-buffer and `logs --follow` would look stuck).
+#: `--env PYTHONUNBUFFERED=` turns it off.
+RUN_ENV_DEFAULTS = {"PYTHONUNBUFFERED": "1"}
 
 _PYTHON = re.compile(r"^python([0-9]+(\.[0-9]+)?)?$")
 _SHELL_OPERATORS = frozenset({"|", "||", "&", "&&", ";", ";;", "<", ">", ">>", "<<", "(", ")", "|&", "2>", "2>&1"})
@@ -310,6 +314,7 @@ def train(
     reserved = sorted(set(variables) & set(RunEnv.ALL))
     if reserved:
         raise UsageError(f"--env {reserved[0]}: trainstack sets it for every run; pick another name")
+    variables = {**RUN_ENV_DEFAULTS, **variables}
     launcher = resolve_launcher(target, torchrun)
     if launcher == TORCHRUN:
         torchrun_arguments(command)  # refuse a shell line before anything changes

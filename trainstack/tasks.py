@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from invoke import Collection, Program, task
@@ -73,6 +74,19 @@ def _wait_seconds(timeout: object) -> float:
     """--timeout of `wait` and `up`: how long to wait for the machines (default 900 s)."""
     seconds = _int_option("timeout", timeout)
     return float(WAIT_TIMEOUT_SECONDS if seconds is None else seconds)
+
+
+@contextmanager
+def _reattach_hint_on_ctrl_c(stack: str, run_id: str | None):
+    """Ctrl-C while following a log stops the following, never the run: say so, and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        run = f" --run {run_id}" if run_id else ""
+        which = f"run {run_id}" if run_id else "the run"
+        note(f"interrupted: {which} goes on on the machine; reattach with `invoke logs -s {stack}{run}`, "
+             f"stop it with `invoke stop -s {stack}{run}`")
+        raise SystemExit(130) from None
 
 
 @task(help={**COMMON_HELP, "timeout": "seconds to wait before giving up (default 900)"})
@@ -139,7 +153,8 @@ def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, fo
         )
         print(run.run_id, flush=True)
         if follow:
-            code = cluster.logs(target, nodes, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
+            with _reattach_hint_on_ctrl_c(target.stack, run.run_id):
+                code = cluster.logs(target, nodes, run.run_id, follow=True, out=sys.stdout.buffer, notify=note)
             if code:
                 raise SystemExit(code)
 
@@ -160,7 +175,7 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=Non
     from trainstack import cluster
 
     target, rank = _target_and_node(stack, workdir, node)
-    with cluster.Nodes(target, notify=note) as nodes:
+    with cluster.Nodes(target, notify=note) as nodes, _reattach_hint_on_ctrl_c(target.stack, run):
         code = cluster.logs(
             target, nodes, run, node=rank, all_nodes=bool(all), follow=follow,
             tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note,
