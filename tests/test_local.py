@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from trainstack import contract, local
+from trainstack import bundled, contract, local
 from trainstack.remote.connection import Connection
 from trainstack.errors import OutputsMissing, UsageError
 from trainstack.local import LocalTarget
@@ -138,6 +138,40 @@ def _python_for(user: pwd.struct_passwd) -> str:
     pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that {user.pw_name} may execute")
 
 
+#: What the laptop side needs at run time: trainstack's requirements but the Pulumi program's.
+_PROGRAM_ONLY = {"pulumi", "pulumi-aws", "pulumi-tls", "uv"}
+
+
+def _readable_copy_of_trainstack(dest: Path) -> str:
+    """trainstack, its bootstrap and the distributions it needs, copied to `dest`: the user may
+    not be able to read the checkout or its venv (a clone under a 0700 home or `mktemp -d`).
+    The PYTHONPATH for them."""
+    import importlib.metadata as metadata
+    import re
+
+    source = Path(local.__file__).resolve().parent
+    shutil.copytree(source, dest / "trainstack", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(bundled.bootstrap_dir(), dest / "bootstrap")
+    site = dest / "site-packages"
+    wanted = [name for name in metadata.requires("trainstack") or [] if "extra ==" not in name]
+    seen: set[str] = set()
+    while wanted:
+        name = re.split(r"[\s;<>=!~\[(]", wanted.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen or name in _PROGRAM_ONLY:
+            continue
+        seen.add(name)
+        distribution = metadata.distribution(name)
+        for file in distribution.files or ():
+            origin = Path(distribution.locate_file(file))
+            if origin.is_file() and "__pycache__" not in file.parts and not str(file).startswith(".."):
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(origin, site / file)
+        wanted += [r for r in distribution.requires or [] if "extra ==" not in r]
+    for path in (dest, *dest.rglob("*")):
+        path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
+    return f"{dest}:{site}"
+
+
 def test_local_target_works_for_a_normal_user(tmp_path: Path) -> None:
     """The local target needs no root: sshd runs as the user with its own keys and config."""
     script = (
@@ -157,27 +191,30 @@ def test_local_target_works_for_a_normal_user(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         argv = [sys.executable, "-c", script, str(tmp_path)]
         expected = pwd.getpwuid(os.getuid()).pw_name
+        python_path = f"{Path(local.__file__).resolve().parent.parent}:{sysconfig.get_paths()['purelib']}"
     else:
         if shutil.which("useradd") is None or shutil.which("setpriv") is None:
             pytest.fail("running this test as root needs useradd and setpriv (util-linux)")
         user = _nonroot_user()
         python = _python_for(user)
-        project = Path(user.pw_dir) / f"project-{os.getpid()}-{time.monotonic_ns()}"
-        project.mkdir()
+        scratch = Path(user.pw_dir) / f"trainstack-test-{os.getpid()}-{time.monotonic_ns()}"
+        project = scratch / "project"
+        project.mkdir(parents=True)
         os.chown(project, user.pw_uid, user.pw_gid)
+        python_path = _readable_copy_of_trainstack(scratch / "lib")
         argv = [
             "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
             "env", f"HOME={user.pw_dir}", f"USER={user.pw_name}", python, "-c", script, str(project),
         ]
         expected = user.pw_name
-    repo = Path(__file__).resolve().parent.parent
-    site_packages = sysconfig.get_paths()["purelib"]
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, cwd="/",
-        env={**os.environ, "PYTHONPATH": f"{repo}:{site_packages}"},
-    )
-    if os.geteuid() == 0:
-        shutil.rmtree(project, ignore_errors=True)
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, cwd="/",
+            env={**os.environ, "PYTHONPATH": python_path},
+        )
+    finally:
+        if os.geteuid() == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected
 
