@@ -214,7 +214,7 @@ def test_users_own_key_from_default_identity(local_target, tmp_path: Path, monke
 def test_openssh_and_rsync_work_from_a_project_path_with_spaces_and_percent(tmp_path: Path, monkeypatch) -> None:
     from trainstack.local import LocalTarget
     from trainstack.stack import resolve_target
-    from trainstack.transfer import rsh_string
+    from trainstack.remote.rsync import rsh_string
 
     project = tmp_path / "my 100% project"
     project.mkdir()

@@ -1,28 +1,12 @@
-"""What sync and fetch share on the laptop's side: the progress bar, messages, sizes, and
-the choices that depend on the link (compression). Everything that reaches the node is in
-`trainstack.remote`; its names that sync and fetch use are also importable from here."""
+"""What sync and fetch share on the laptop's side: the progress bar, messages and sizes.
+Everything that reaches a node is in `trainstack.remote`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainstack.remote.rsync import (
-    ENV_COMPRESS, RSYNC_LINK_FAILURES, RsyncOutcome, is_loopback, rsh_string, run_rsync, wants_compression,
-)
-from trainstack.remote.sftp import read_remote_head
-from trainstack.remote.shell import (
-    REMOTE_TIMEOUT, LinkFailed, last_line, raise_ssh_failure, remote_shell, wait_for_node,
-)
-
 if TYPE_CHECKING:
     from rich.console import Console
-
-__all__ = [
-    "ENV_COMPRESS", "Progress", "human", "is_loopback", "say", "wants_compression",
-    # the remote layer's, for the callers that import them from here
-    "REMOTE_TIMEOUT", "RSYNC_LINK_FAILURES", "LinkFailed", "RsyncOutcome", "last_line", "raise_ssh_failure",
-    "read_remote_head", "remote_shell", "rsh_string", "run_rsync", "wait_for_node",
-]
 
 
 class Progress:
