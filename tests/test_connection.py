@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainstack.remote.connection import Connection
+from trainstack.remote.connection import Backend, Connection
 from trainstack.errors import HostKeyMismatch, RemoteCommandFailed, TargetUnreachable
 from trainstack.local import free_port
 
@@ -126,6 +126,7 @@ def test_openssh_argv_works_and_multiplexes(local_target) -> None:
     assert conn.master_alive()
     socket_dir = conn.control_path().parent
     assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    assert conn.backend() == Backend.OPENSSH
     assert conn.run("echo via-master").stdout == "via-master\n"
     assert conn._client is None  # no paramiko connection was needed
     conn.stop_master()
@@ -133,6 +134,7 @@ def test_openssh_argv_works_and_multiplexes(local_target) -> None:
     while conn.master_alive():
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert conn.backend() == Backend.PARAMIKO
     assert conn.run("echo direct").stdout == "direct\n"
     assert conn._client is not None
     conn.close()

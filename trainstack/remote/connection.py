@@ -54,6 +54,18 @@ KEEPALIVE_COUNT = 4
 _MAX_SOCKET_PATH = 107 - 17
 
 
+class Backend:
+    """The two ways a command reaches a node.
+
+    OPENSSH: an `ssh` process through the node's ControlMaster (`ssh_argv`), which outlives
+    the task: a later task pays no handshake; rsync, tar streams and sync sessions always go
+    this way. PARAMIKO: this process's own connection, opened once and reused for the whole
+    task; log streaming and the tar fallback without OpenSSH go this way."""
+
+    OPENSSH = "openssh"
+    PARAMIKO = "paramiko"
+
+
 @dataclass(frozen=True)
 class CommandResult:
     exit_code: int
@@ -265,6 +277,11 @@ class Connection:
 
     # --- running commands ----------------------------------------------------------------
 
+    def backend(self) -> str:
+        """Which way `run` reaches the node now (`Backend`): through the node's open
+        ControlMaster while this task has no connection of its own, else paramiko."""
+        return Backend.OPENSSH if self._client is None and self.master_alive() else Backend.PARAMIKO
+
     def run(
         self,
         command: str | Sequence[str],
@@ -279,7 +296,7 @@ class Connection:
         as is, so only pass strings this package built from quoted parts.
         """
         line = command if isinstance(command, str) else shlex.join(command)
-        if self._client is None and self.master_alive():
+        if self.backend() == Backend.OPENSSH:
             result = self._run_multiplexed(line, stdin, timeout)
         else:
             result = self._run_paramiko(line, stdin, timeout)
