@@ -223,3 +223,55 @@ def test_free_port_is_bindable() -> None:
     port = local.free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+# --- the machine's Python ----------------------------------------------------------------------
+
+_WHAT_THE_RUN_SEES = (
+    "python -c 'import importlib.util as u, sys; "
+    "print(sys.version_info[0], *[n for n in (\"pulumi\", \"paramiko\", \"pytest\") if u.find_spec(n)])'"
+)
+
+
+def _run_output(connection: Connection, command: str) -> str:
+    import io
+
+    from trainstack.deps import install_dependencies
+    from trainstack.runs import logs, start_run
+
+    install_dependencies(connection)
+    run = start_run(connection, command)
+    out = io.BytesIO()
+    assert logs(connection, run.run_id, out=out) == 0, out.getvalue()
+    return out.getvalue().decode().strip()
+
+
+def test_the_machines_python_is_clean_not_the_laptops_venv(local_target, connection: Connection) -> None:
+    """A run that works on the local target must work on a clean machine: it sees the system
+    Python's packages, none of those trainstack itself or its tests run with."""
+    machine = local.machine_python()
+    assert not machine.startswith(sys.prefix)
+    has = subprocess.run([machine, "-I", "-c", _WHAT_THE_RUN_SEES.split("'")[1]],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert "pulumi" not in has and "paramiko" not in has  # what trainstack's venv adds
+    assert _run_output(connection, _WHAT_THE_RUN_SEES) == has
+
+
+def test_the_machines_python_can_be_one_with_packages(project_dir: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRAINSTACK_LOCAL_PYTHON: a Python whose packages the local machine has, as an image has
+    PyTorch (here: the tests' own)."""
+    monkeypatch.setenv("TRAINSTACK_LOCAL_PYTHON", sys.executable)
+    target = LocalTarget(project_dir)
+    target.up()
+    try:
+        with Connection(resolve_target("local", workdir=str(workdir), project_dir=project_dir)) as conn:
+            assert _run_output(conn, _WHAT_THE_RUN_SEES) == "3 pulumi paramiko pytest"
+    finally:
+        target.down(grace=2.0)
+
+
+def test_a_local_python_that_is_not_there_is_one_line(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAINSTACK_LOCAL_PYTHON", "/no/such/python3")
+    with pytest.raises(UsageError, match="TRAINSTACK_LOCAL_PYTHON=/no/such/python3 is not"):
+        LocalTarget(project_dir).up()
+    assert not local.LocalTarget(project_dir).root.exists()

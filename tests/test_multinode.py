@@ -434,7 +434,7 @@ def test_torchrun_without_pytorch_fails_on_every_rank_with_a_clear_message(
 
 
 def test_the_venv_sees_the_machines_python_packages_and_uv_does_not_install_them_again(
-    local_target, connection: Connection, workdir: Path
+    machine_with_packages, local_target, connection: Connection, workdir: Path
 ) -> None:
     """The local target's machine Python is the one running these tests, a venv holding
     pathspec: like /opt/pytorch on a Deep Learning image, its packages reach the run's venv
@@ -457,7 +457,16 @@ def test_the_venv_sees_the_machines_python_packages_and_uv_does_not_install_them
     assert prefix == str(venv)
 
 
-def test_a_version_the_machine_lacks_is_left_to_uv(local_target, connection: Connection, workdir: Path) -> None:
+@pytest.fixture
+def machine_with_packages(local_sshd: LocalTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local machine's Python is the tests' own venv (TRAINSTACK_LOCAL_PYTHON), with its packages."""
+    monkeypatch.setenv(local.ENV_LOCAL_PYTHON, sys.executable)
+    local_sshd.up()
+
+
+def test_a_version_the_machine_lacks_is_left_to_uv(
+    machine_with_packages, local_target, connection: Connection, workdir: Path
+) -> None:
     (workdir / "requirements.txt").write_text("# nothing yet\n")
     sync(local_target, connection)
     install_dependencies(connection)

@@ -13,9 +13,13 @@ every node has its own workdir, venv and runs as a separate machine would. All n
 the host key, like the machines of one stack, and their private address is 127.0.0.1, so a
 multi-node job (torchrun with gloo) runs on a laptop's CPU.
 
-The machine's Python environment is the one running `invoke` (`base-python`): the remote
-venv sees its packages, as a cloud venv sees the image's PyTorch, so a framework installed
-on the laptop is not installed again.
+The machine's Python (`base-python`) is the operating system's /usr/bin/python3, as on a
+machine image (else the interpreter trainstack's venv was made from): a run sees its
+packages, never those trainstack itself runs with (pulumi, paramiko, the tests' tools), so
+what works here works on a clean machine.
+`TRAINSTACK_LOCAL_PYTHON` names a Python whose packages the machine has instead (a framework
+installed on the laptop, as an image has PyTorch): the remote venv then sees its packages,
+and uv does not install them again.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 15.0
 MAX_NODES = 16
+#: A Python whose packages the local machine has (default: a clean venv of the base interpreter).
+ENV_LOCAL_PYTHON = "TRAINSTACK_LOCAL_PYTHON"
 #: The bootstrap's own scripts, installed into <remote_root>/bin like on a real machine.
 BOOTSTRAP_BIN = bundled.bin_dir()
 #: What `invoke train` installs beside them (see trainstack/tools.py).
@@ -100,6 +106,9 @@ class LocalTarget:
         if not 1 <= nodes <= MAX_NODES:
             raise UsageError(f"--nodes takes a number of nodes from 1 to {MAX_NODES} (got {nodes})")
         sshd = find_sshd()
+        chosen = os.environ.get(ENV_LOCAL_PYTHON)
+        if chosen and not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise UsageError(f"{ENV_LOCAL_PYTHON}={chosen} is not an executable file: name a Python, or unset it")
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._ensure_keys()
@@ -117,8 +126,9 @@ class LocalTarget:
         for index in self._node_indexes():
             if index >= nodes:
                 self._remove_node(index)
+        python = chosen or machine_python()
         for index in range(nodes):
-            self._lay_out_remote_root(index)
+            self._lay_out_remote_root(index, python)
         outputs = self._outputs(node_ports)
         _write_json_private(self.outputs_file, dict(outputs.raw))
         return outputs
@@ -265,7 +275,7 @@ class LocalTarget:
         if index > 0:
             shutil.rmtree(self.node_root(index), ignore_errors=True)
 
-    def _lay_out_remote_root(self, node_index: int = 0) -> None:
+    def _lay_out_remote_root(self, node_index: int = 0, python: str = sys.executable) -> None:
         root = self.node_root(node_index)
         for sub in (contract.Remote.BIN, contract.Remote.RUNS, contract.Remote.WORKDIR, contract.Remote.CACHE):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -276,7 +286,7 @@ class LocalTarget:
                     target = root / contract.Remote.BIN / script.name
                     shutil.copyfile(script, target)
                     os.chmod(target, 0o755)
-        (root / contract.Remote.BASE_PYTHON).write_text(sys.executable + "\n")
+        (root / contract.Remote.BASE_PYTHON).write_text(python + "\n")
         uv = find_uv()
         if uv is not None:
             _symlink(root / contract.Remote.BIN / "uv", Path(uv))
@@ -290,7 +300,7 @@ class LocalTarget:
             "status": contract.ReadyStatus.OK,
             "target": contract.LOCAL_STACK,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": sys.executable,
+            "python": python,
             "gpus": [],
         }
         (root / contract.Remote.READY).write_text(json.dumps(ready, indent=2) + "\n")
@@ -394,6 +404,19 @@ def find_uv() -> str | None:
         return find_uv_bin()
     except (ImportError, FileNotFoundError):
         return shutil.which("uv")
+
+
+#: The operating system's Python: what a machine image has.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def machine_python() -> str:
+    """The local machine's Python when TRAINSTACK_LOCAL_PYTHON names none: the system's, else
+    the one below the venv running trainstack (itself when it is no venv)."""
+    if os.access(SYSTEM_PYTHON, os.X_OK):
+        return SYSTEM_PYTHON
+    base = getattr(sys, "_base_executable", "") or sys.executable
+    return base if os.path.isfile(base) else sys.executable
 
 
 def free_port() -> int:
