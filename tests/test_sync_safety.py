@@ -260,3 +260,53 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(
         assert free.f_bavail * free.f_frsize > (1 << 20)  # no near-full copy keeps the disk full
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only mount needs root")
+@pytest.mark.parametrize("transport", ["rsync", "tar"])
+def test_a_workdir_the_machine_refuses_to_write_is_named(
+    local_target: Target, connection: Connection, transport: str
+) -> None:
+    workdir = local_target.require_workdir()
+    write(workdir, "a.py", "a")
+    sync(local_target, connection, transport=transport)
+    remote = remote_workdir(local_target)
+    before = snapshot(remote)
+    subprocess.run(["mount", "--bind", str(remote), str(remote)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(remote)], check=True)
+        write(workdir, "a.py", "a2, longer")
+        write(workdir, "big.bin", os.urandom(2 << 20))  # beyond a small change set
+        with pytest.raises(SyncError) as raised:
+            sync(local_target, connection, transport=transport)
+        message = str(raised.value)
+        assert "Read-only file system" in message, message
+        assert "connection" not in message
+        assert snapshot(remote) == before
+    finally:
+        subprocess.run(["umount", "-l", str(remote)], check=False)
+    assert not scratch_left(local_target)
+    # Once the machine lets it write again, the next sync completes.
+    sync(local_target, connection, transport=transport)
+    assert snapshot(remote) == expected_remote(local_target)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a volume needs root")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_workdir_on_a_volume_of_its_own_is_synced(local_target: Target, connection: Connection, transport: str) -> None:
+    """The workdir is a mounted volume (another file system than the scratch space beside
+    it): files cannot be hard-linked into place, so they are copied."""
+    remote = remote_workdir(local_target)
+    _tiny_disk(remote, "64m")
+    try:
+        workdir = local_target.require_workdir()
+        write(workdir, "a.py", "a")
+        write(workdir, "pkg/b.py", "b")
+        _sync(local_target, connection, transport)
+        write(workdir, "a.py", "a2")
+        write(workdir, "pkg/c.py", "c")
+        result = _sync(local_target, connection, transport)
+        assert result.transport == transport
+        assert snapshot(remote) == expected_remote(local_target)
+    finally:
+        subprocess.run(["umount", "-l", str(remote)], check=False)

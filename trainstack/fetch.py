@@ -30,7 +30,6 @@ The record also answers "are there results on the node that were never fetched?"
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
@@ -45,9 +44,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from trainstack import contract, layout
 from trainstack.errors import FetchError
-from trainstack.remote import rsync
+from trainstack.remote import rsync, scripts
 from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, run_rsync
-from trainstack.remote import scripts
 from trainstack.remote.shell import LinkFailed, last_line, run, wait_for_node
 from trainstack.transfer import Progress, human, say
 
@@ -644,8 +642,8 @@ def _split(wanted: Iterable[str]) -> tuple[list[str], bool]:
 
 # --- local write failures --------------------------------------------------------------------
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DISK_FULL = rsync.DISK_FULL_ERRNOS
+_REFUSED = rsync.REFUSED_ERRNOS
 
 
 def _local_failure(conn: "Connection", code: int, path: str, detail: str) -> FetchError:
@@ -662,18 +660,10 @@ def _local_failure(conn: "Connection", code: int, path: str, detail: str) -> Fet
     )
 
 
-#: rsync's report of a failed system call: `rsync: [receiver] write failed on "path": No space left on device (28)`
-_RSYNC_OS_ERROR = re.compile(r'rsync: (?:\[(\w+)\] )?.*?"([^"]*)"[^"]*?: ([^:()]+) \((\d+)\)\s*$')
-
-
 def _rsync_local_failure(conn: "Connection", stderr: str) -> FetchError | None:
-    for line in stderr.splitlines():
-        match = _RSYNC_OS_ERROR.search(line.strip())
-        if not match:
-            continue
-        side, path, detail, number = match.group(1), match.group(2), match.group(3), int(match.group(4))
-        if side in ("receiver", "generator", None) and number in _DISK_FULL + _REFUSED:
-            return _local_failure(conn, number, path, detail.strip())
+    for error in rsync.os_errors(stderr):
+        if error.side in ("receiver", "generator", "") and (error.disk_full or error.refused):
+            return _local_failure(conn, error.errno, error.path, error.detail)
     return None
 
 

@@ -93,17 +93,20 @@ report left "$c/left"
 if [ -s "$c/delete" ]; then (cd "$w" && xargs -0 rm -f -- < "$c/delete") || rc=1; fi
 if [ -s "$c/rmdir" ]; then (cd "$w" && xargs -0 rmdir --ignore-fail-on-non-empty -- < "$c/rmdir") 2>/dev/null; fi
 rmdir "$s/f" 2>/dev/null  # nothing arrived (a change set of deletions only)
+err=
 if [ -d "$s/f" ]; then
-  if [ ! -d "$w" ] || [ -z "$(ls -A "$w")" ]; then
-    # Into an empty workdir: one rename.
-    rmdir "$w" 2>/dev/null
-    mv -T "$s/f" "$w" || rc=1
-  else
-    # Hard links, then the scratch copy goes: no byte is copied.
-    cp -a -l --remove-destination "$s/f/." "$w/" || rc=1
+  if [ ! -e "$w" ] || { [ -z "$(ls -A "$w")" ] && rmdir "$w" 2>/dev/null; }; then
+    # Into an empty workdir (not a mount point): one rename.
+    err=$(mv -T "$s/f" "$w" 2>&1) || rc=1
+  elif ! cp -a -l --remove-destination "$s/f/." "$w/" 2>/dev/null; then
+    # Hard links cost no copy; a workdir on another file system (a mounted volume) gets copies.
+    err=$(cp -a --remove-destination "$s/f/." "$w/" 2>&1) || rc=1
   fi
 fi
-if [ $rc -ne 0 ]; then answer failed "could not put the files in place in $w"; fi
+if [ $rc -ne 0 ]; then
+  if is_disk_full "$err"; then answer disk-full; fi
+  answer failed "could not put the files in place in $w: $(printf '%s\n' "$err" | tail -n 1)"
+fi
 mv -f "$c/new" "$m" || answer failed "cannot write $m"
 rm -f "$m.partial" "$m.incoming"
 exit 0

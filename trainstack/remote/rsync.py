@@ -3,6 +3,7 @@ output and statistics, and what its exit codes mean. Shared by sync and fetch.""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -115,6 +116,73 @@ def is_loopback(host: str) -> bool:
 
 
 # --- output ----------------------------------------------------------------------------------
+
+
+#: rsync's report of a failed system call: `rsync: [receiver] write failed on "path": No space left on device (28)`
+_OS_ERROR = re.compile(r'rsync: (?:\[(\w+)\] )?.*?"([^"]*)"[^"]*?: ([^:()]+) \((\d+)\)\s*$')
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+REFUSED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@dataclass(frozen=True)
+class OsError:
+    """A system call rsync reports as failed: on which side (`receiver` writes, `sender`
+    reads; "" when rsync does not say), the path, the system's words, the errno."""
+
+    side: str
+    path: str
+    detail: str
+    errno: int
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in DISK_FULL_ERRNOS
+
+    @property
+    def refused(self) -> bool:
+        return self.errno in REFUSED_ERRNOS
+
+
+def os_errors(stderr: str) -> list[OsError]:
+    """Every failed system call rsync's stderr reports, in order."""
+    found = []
+    for line in stderr.splitlines():
+        match = _OS_ERROR.search(line.strip())
+        if match:
+            found.append(OsError(match.group(1) or "", match.group(2), match.group(3).strip(), int(match.group(4))))
+    return found
+
+
+class Failure:
+    """What a finished rsync's exit means (`classify`)."""
+
+    NONE = "none"  # success
+    VANISHED = "vanished"  # some source files vanished while it ran (exit 24)
+    MISSING = "missing"  # no rsync on the node (exit 127)
+    DISK_FULL = "disk-full"  # a write failed for lack of space
+    REFUSED = "refused"  # a write was refused (permission, read-only file system)
+    LINK = "link"  # the link or the remote shell broke: worth another attempt
+    OTHER = "other"
+
+
+def classify(outcome: "RsyncOutcome") -> str:
+    """The one reading of rsync's exit for sync and fetch: the cause, when rsync names one
+    (a full disk is no broken link, whatever exit code it came with)."""
+    code = outcome.exit_code
+    if code == 0:
+        return Failure.NONE
+    if code == RSYNC_VANISHED:
+        return Failure.VANISHED
+    if code == 127:
+        return Failure.MISSING
+    errors = os_errors(outcome.stderr)
+    if any(e.disk_full for e in errors) or "No space left on device" in outcome.stderr:
+        return Failure.DISK_FULL
+    if any(e.refused and e.side in ("receiver", "generator", "") for e in errors):
+        return Failure.REFUSED
+    if code in RSYNC_LINK_FAILURES:
+        return Failure.LINK
+    return Failure.OTHER
 
 
 @dataclass

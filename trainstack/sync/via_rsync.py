@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainstack.remote import answers, rsync, scripts
-from trainstack.remote.rsync import RSYNC_LINK_FAILURES, RSYNC_VANISHED, RsyncOutcome, run_rsync
+from trainstack.errors import SyncError
+from trainstack.remote.rsync import RsyncOutcome, run_rsync
 from trainstack.remote.shell import LinkFailed, last_line
 from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, RsyncMissing, node_outcome
 from trainstack.sync.plan import Plan, kib_needed, nul_list, owned_records
@@ -93,11 +94,18 @@ class RsyncPush:
             outcome = run_rsync(argv, progress=progress, stderr_path=tmp / "stderr")
         code, stderr = outcome.exit_code, outcome.stderr
         self.answers = found = answers.parse(stderr)
-        if code in (0, RSYNC_VANISHED):
+        failure = rsync.classify(outcome)
+        if failure in (rsync.Failure.NONE, rsync.Failure.VANISHED):
             return outcome
-        if code == 127:
+        if failure == rsync.Failure.MISSING:
             raise RsyncMissing()
-        if found.outcome is None and code in RSYNC_LINK_FAILURES and "No space left on device" not in stderr:
+        if found.outcome is None and failure == rsync.Failure.LINK:
             raise LinkFailed(last_line(found.other) or f"rsync exited {code}")
+        if found.outcome is None and failure == rsync.Failure.REFUSED:
+            refused = next(e for e in rsync.os_errors(stderr) if e.refused)
+            raise SyncError(
+                f"sync to {self.conn.describe()} stopped: the machine refused to write {refused.path} "
+                f"({refused.detail}): make it writable for the SSH user there and run sync again"
+            )
         node_outcome(self.conn, found, code, stderr)
         raise AssertionError("unreachable")  # node_outcome raised for a non-zero exit
