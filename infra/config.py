@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     SUBNET_ID: "",
 }
 
-MAX_NODES = 64
+MAX_NODES = contract.MAX_NODES
 MIN_ROOT_VOLUME_GB = 8
 MAX_ROOT_VOLUME_GB = 16384  # gp3's limit
 ON_IDLE_CHOICES = ("stop", "terminate")

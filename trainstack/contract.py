@@ -26,6 +26,8 @@ LOCAL_STACK = "local"
 #: machine still ends: after an hour without a run, SSH session or busy GPU, and a day after boot.
 DEFAULT_IDLE_MINUTES = 60
 DEFAULT_MAX_HOURS = 24
+#: Machines of one experiment (trainstack:nodes): the program's limit, and `invoke new`'s.
+MAX_NODES = 64
 #: Set to 1 by `invoke up --new-image` for the Pulumi program: move the machines to the newest
 #: image instead of the one pinned at first up (which replaces them).
 NEW_IMAGE_ENV = "TRAINSTACK_NEW_IMAGE"

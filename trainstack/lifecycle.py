@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,11 @@ CALLER_IP_SERVICE = "https://checkip.amazonaws.com"
 CALLER_IP_TIMEOUT = 5.0
 
 _STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+#: An AWS region's name: us-east-1, eu-central-2, ap-southeast-4, us-gov-west-1, cn-north-1, ...
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$")
+#: A year: longer would not be a limit.
+MAX_IDLE_MINUTES = 525600
+MAX_LIFETIME_HOURS = 8760
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+(-[a-z0-9]+)*$")
 
 
@@ -115,19 +121,34 @@ def check_experiment_name(name: str) -> str:
     return name
 
 
-def new_experiment(name: str, project_dir: Path, spec: ExperimentSpec, cidr: str) -> Path:
-    """Writes Pulumi.<name>.yaml; refuses to overwrite one. `cidr` comes from `caller_cidr`."""
-    check_experiment_name(name)
+def _shown(number: int) -> str:
+    """A number as an error message shows it: 400 digits are not read by anyone."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}… ({len(text)} digits)"
+
+
+def check_experiment_spec(spec: ExperimentSpec) -> None:
+    """Every setting of `invoke new`, before anything is looked up or written."""
     if not _INSTANCE_TYPE.match(spec.instance_type):
         raise UsageError(
             f"{spec.instance_type!r} is not an EC2 instance type: use FAMILY.SIZE, like t3.micro or g5.xlarge"
         )
-    if spec.nodes < 1:
-        raise UsageError(f"--nodes must be 1 or more (got {spec.nodes})")
-    if spec.idle_minutes < 0:
-        raise UsageError(f"--idle-minutes must be 0 (never) or more (got {spec.idle_minutes})")
-    if spec.max_hours is not None and not spec.max_hours > 0:
-        raise UsageError(f"--max-hours must be more than 0 (got {spec.max_hours})")
+    if not 1 <= spec.nodes <= contract.MAX_NODES:
+        raise UsageError(f"--nodes takes a number of machines from 1 to {contract.MAX_NODES} (got {spec.nodes})")
+    if not 0 <= spec.idle_minutes <= MAX_IDLE_MINUTES:
+        raise UsageError(f"--idle-minutes takes a number of minutes from 0 (never) to {MAX_IDLE_MINUTES} "
+                         f"(got {_shown(spec.idle_minutes)})")
+    if spec.max_hours is not None and not (math.isfinite(spec.max_hours) and 0 < spec.max_hours <= MAX_LIFETIME_HOURS):
+        raise UsageError(f"--max-hours takes a number of hours above 0, at most {MAX_LIFETIME_HOURS} "
+                         f"(got {spec.max_hours})")
+    if not _REGION.match(spec.region):
+        raise UsageError(f"{spec.region!r} is not an AWS region: use one like us-east-1 or eu-west-2")
+
+
+def new_experiment(name: str, project_dir: Path, spec: ExperimentSpec, cidr: str) -> Path:
+    """Writes Pulumi.<name>.yaml; refuses to overwrite one. `cidr` comes from `caller_cidr`."""
+    check_experiment_name(name)
+    check_experiment_spec(spec)
     path = stack_config_path(name, project_dir)
     if path.exists():
         raise UsageError(f"{path.name} exists already: edit it, or choose another name")

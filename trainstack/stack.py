@@ -49,6 +49,8 @@ ENV_WORKDIR = "TRAINSTACK_WORKDIR"
 ENV_SSH_KEY = "TRAINSTACK_SSH_KEY"
 
 # Pulumi stack names: letters, digits, `-`, `_`, `.`; optionally qualified as org/project/stack.
+#: Pulumi's limit is 100 per part; org/project/stack and the file names built from it fit in 255.
+MAX_STACK_NAME = 200
 _STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,2}$")
 
 
@@ -211,6 +213,9 @@ def resolve_stack_name(stack: str | None, project_dir: Path) -> str:
             "no stack selected: pass --stack NAME (or --stack local for the local target), "
             "set TRAINSTACK_STACK, or run `pulumi stack select NAME`"
         )
+    if len(name) > MAX_STACK_NAME:
+        raise UsageError(f"the stack name is {len(name)} characters long: use at most {MAX_STACK_NAME} "
+                         "(letters, digits, '-', '_' and '.')")
     if not _STACK_NAME.match(name) or ".." in name:
         raise UsageError(f"invalid stack name {name!r}: use letters, digits, '-', '_' and '.'")
     return name
@@ -254,7 +259,7 @@ def resolve_workdir(
     given = workdir or os.environ.get(ENV_WORKDIR)
     origin = "--workdir" if workdir else ENV_WORKDIR
     if given:
-        path = Path(given).expanduser()
+        path = _expand_user(given, origin)
         path = path if path.is_absolute() else Path.cwd() / path
     else:
         configured = config.get(f"{contract.CONFIG_NAMESPACE}:workdir")
@@ -264,11 +269,15 @@ def resolve_workdir(
             # A project's stack without the setting ships the project: the setting's default, ".".
             configured = "."
         origin = f"trainstack:workdir in {stack_config_path(stack, project_dir).name}"
-        path = Path(configured).expanduser()
+        path = _expand_user(configured, origin)
         path = path if path.is_absolute() else project_dir / path
-    if not path.is_dir():
-        what = "is not a directory" if path.exists() else "does not exist"
-        raise UsageError(f"workdir {path} ({origin}) {what}: point it at your training project")
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # too long a name, a loop of links: is_dir() says False only for some
+        raise UsageError(f"workdir {_shown_path(path)} ({origin}) cannot be read: {exc.strerror}") from None
+    if not is_dir:
+        what = "is not a directory" if exists else "does not exist"
+        raise UsageError(f"workdir {_shown_path(path)} ({origin}) {what}: point it at your training project")
     if layout.is_private(path, project_dir):
         # Everything under .trainstack/ is local state: private keys, known_hosts, records.
         raise UsageError(
@@ -276,6 +285,19 @@ def resolve_workdir(
             "trainstack's private state (keys): point it at your training project"
         )
     return path.resolve()
+
+
+def _expand_user(given: str, origin: str) -> Path:
+    try:
+        return Path(given).expanduser()
+    except RuntimeError:  # ~name of no user on this machine
+        user = given[1:].split("/", 1)[0]
+        raise UsageError(f"workdir {given} ({origin}): there is no user {user!r} on this machine") from None
+
+
+def _shown_path(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:120]}… ({len(text)} characters)"
 
 
 # --- outputs ----------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ STACK_HELP = "stack (experiment) to act on; default $TRAINSTACK_STACK or pulumi'
 WORKDIR_HELP = "the project to ship; default $TRAINSTACK_WORKDIR or the stack's trainstack:workdir"
 COMMON_HELP = {"stack": STACK_HELP, "workdir": WORKDIR_HELP}
 WAIT_TIMEOUT_SECONDS = 900
+#: A day: a longer wait is no limit.
+MAX_WAIT_SECONDS = 86400
+#: An hour between SIGTERM and SIGKILL.
+MAX_GRACE_SECONDS = 3600
 
 
 def _target(stack: str | None, workdir: str | None):
@@ -70,9 +74,21 @@ def _int_option(name: str, value: object) -> int | None:
         raise UsageError(f"--{name} takes a whole number, not {value!r}") from None
 
 
+def _bounded_option(name: str, value: object, unit: str, low: int, high: int) -> int | None:
+    """A whole number in [low, high]; out of range, one line (also for 400 digits)."""
+    from trainstack.errors import UsageError
+
+    number = _int_option(name, value)
+    if number is None or low <= number <= high:
+        return number
+    text = str(number)
+    shown = text if len(text) <= 20 else f"{text[:8]}… ({len(text)} digits)"
+    raise UsageError(f"--{name} takes a number of {unit} from {low} to {high} (got {shown})")
+
+
 def _wait_seconds(timeout: object) -> float:
     """--timeout of `wait` and `up`: how long to wait for the machines (default 900 s)."""
-    seconds = _int_option("timeout", timeout)
+    seconds = _bounded_option("timeout", timeout, "seconds", 0, MAX_WAIT_SECONDS)
     return float(WAIT_TIMEOUT_SECONDS if seconds is None else seconds)
 
 
@@ -95,8 +111,9 @@ def wait(c, stack=None, workdir=None, timeout=None):
     """Wait until every node answers SSH and finished its first-boot setup."""
     from trainstack.wait import wait_ready
 
+    seconds = _wait_seconds(timeout)
     target = _target(stack, workdir)
-    states = wait_ready(target, _wait_seconds(timeout), notify=note)
+    states = wait_ready(target, seconds, notify=note)
     success(f"stack '{target.stack}' is ready ({len(states)} node(s))")
 
 
@@ -174,11 +191,12 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=Non
     """Stream a run's log; exits with the run's exit code (a failed rank's, naming it) once it has ended."""
     from trainstack import cluster
 
+    lines = _bounded_option("tail", tail, "lines", 0, 10**9)
     target, rank = _target_and_node(stack, workdir, node)
     with cluster.Nodes(target, notify=note) as nodes, _reattach_hint_on_ctrl_c(target.stack, run):
         code = cluster.logs(
             target, nodes, run, node=rank, all_nodes=bool(all), follow=follow,
-            tail=_int_option("tail", tail), out=sys.stdout.buffer, notify=note,
+            tail=lines, out=sys.stdout.buffer, notify=note,
         )
     if code:
         raise SystemExit(code)
@@ -197,8 +215,8 @@ def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
     """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
     from trainstack.cluster import stop_and_report
 
+    seconds = _bounded_option("grace", grace, "seconds", 0, MAX_GRACE_SECONDS)
     target, rank = _target_and_node(stack, workdir, node)
-    seconds = _int_option("grace", grace)
     stop_and_report(target, rank, run, grace=float(10 if seconds is None else seconds), notify=note, succeed=success)
 
 
@@ -298,15 +316,19 @@ def _project_dir() -> Path:
 def new(c, name, instance_type="t3.micro", spot=False, nodes=None, workdir=".", command="", idle_minutes=None,
         max_hours=None, region="us-east-1", cidr=None):
     """Create Pulumi.NAME.yaml for a new experiment; SSH is allowed from your address only."""
-    from trainstack.lifecycle import ExperimentSpec, caller_cidr, check_experiment_name, new_experiment
+    from trainstack.lifecycle import (
+        ExperimentSpec, caller_cidr, check_experiment_name, check_experiment_spec, new_experiment,
+    )
 
     project = _project_dir()
     check_experiment_name(name)
+    count = _int_option("nodes", nodes)
     spec = ExperimentSpec(
-        instance_type=instance_type, spot=bool(spot), nodes=_int_option("nodes", nodes) or 1, workdir=workdir,
+        instance_type=instance_type, spot=bool(spot), nodes=1 if count is None else count, workdir=workdir,
         command=command or "", idle_minutes=30 if idle_minutes is None else _int_option("idle-minutes", idle_minutes),
         max_hours=_float_option("max-hours", max_hours), region=region,
     )
+    check_experiment_spec(spec)  # before the address is looked up
     path = new_experiment(name, project, spec, caller_cidr(cidr))
     success(f"wrote {path.name}; create the machines with `invoke up -s {name}`")
 
@@ -325,13 +347,14 @@ def up(c, stack=None, wait=True, timeout=None, new_image=False):
     from trainstack.lifecycle import AutomationEngine, up_experiment
     from trainstack.stack import resolve_stack_name
 
+    seconds = _wait_seconds(timeout)
     project = _project_dir()
     name = resolve_stack_name(stack, project)
     up_experiment(name, project, AutomationEngine(), note, new_image=bool(new_image))
     if wait:
         from trainstack.wait import wait_ready
 
-        wait_ready(_target(name, None), _wait_seconds(timeout), notify=note)
+        wait_ready(_target(name, None), seconds, notify=note)
     success(f"stack '{name}' is up")
 
 
