@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import AnyStr
 
 from trainstack.contract import NodeAnswer
 
@@ -58,8 +59,10 @@ def _paths(hex_list: str) -> list[str]:
     return [os.fsdecode(p) for p in raw.split(b"\0") if p]
 
 
-def sections(stdout: str, marker: str, count: int) -> list[str]:
-    """The `count` sections of a program's output, each ended by `marker` on a line of its
-    own (`scripts.new_marker`); a section the program did not reach is empty."""
-    parts = stdout.split(f"\n{marker}\n")
-    return (parts + [""] * count)[:count]
+def sections(stdout: AnyStr, marker: str, count: int) -> list[AnyStr]:
+    """The `count` sections of a program's output (text or bytes), each ended by `marker` on
+    a line of its own (`scripts.new_marker`); a section the program did not reach is empty."""
+    end = f"\n{marker}\n"
+    separator = end.encode() if isinstance(stdout, bytes) else end
+    parts = stdout.split(separator)  # type: ignore[arg-type]
+    return (parts + [stdout[:0]] * count)[:count]

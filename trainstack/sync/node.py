@@ -74,11 +74,11 @@ def read_node_manifests(
     """What the node's manifests say it holds: the complete manifest if there is one,
     else the one before an interrupted transfer; plus every manifest it holds (the
     complete one, and those of a transfer under way), each a record of what sync put there."""
-    sep = "\x1etrainstack-manifest-separator\x1e"
-    code, out, err = run(conn, scripts.command("sync-manifests.sh", [remote.manifest, sep]), error=SyncError)
+    marker = scripts.new_marker()
+    code, out, err = run(conn, scripts.command("sync-manifests.sh", [marker, remote.manifest]), error=SyncError)
     if code != 0:
         raise SyncError(f"cannot read the sync manifest on {conn.describe()}: {last_line(err)}")
-    parts = out.split(sep.encode() + b"\n")
+    parts = answers.sections(out, marker, 3)
     manifests: list[Manifest | None] = []
     for blob in parts[:3]:
         try:
