@@ -22,7 +22,15 @@ def host_alias(target: Target, node_index: int = 0) -> str:
 
 
 def _quote(path: Path) -> str:
-    return '"' + str(path).replace('"', '\\"') + '"'
+    """A path as OpenSSH's config reads it: quoted (spaces), with `%` doubled (OpenSSH expands
+    %d, %h, ... in IdentityFile and UserKnownHostsFile)."""
+    return '"' + str(path).replace("%", "%%").replace('"', '\\"') + '"'
+
+
+def aliases(target: Target, node_index: int) -> list[str]:
+    """`trainstack-<stack>-<rank>` for every node; node 0, the head, also plain `trainstack-<stack>`."""
+    ranked = f"trainstack-{target.stack.replace('/', '-')}-{node_index}"
+    return [host_alias(target), ranked] if node_index == 0 else [ranked]
 
 
 def entries(target: Target) -> str:
@@ -34,7 +42,7 @@ def entries(target: Target) -> str:
             "\n".join(
                 [
                     f"# trainstack stack '{target.stack}', node {index}; rewritten by `invoke ssh-config`",
-                    f"Host {host_alias(target, index)}",
+                    f"Host {' '.join(aliases(target, index))}",
                     f"    HostName {node.host}",
                     f"    Port {node.port}",
                     f"    User {target.outputs.ssh_user}",

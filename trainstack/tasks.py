@@ -268,7 +268,7 @@ def ssh(c, stack=None, workdir=None, node=None):
 @task(name="ssh-config", help={**COMMON_HELP, "print_only": "print the Host entry instead of installing it"})
 @handle_errors
 def ssh_config(c, stack=None, workdir=None, print_only=False):
-    """Add a Host entry `trainstack-<stack>` to ~/.ssh/config (pinned host key, stack's key)."""
+    """Host entries `trainstack-<stack>-<rank>` per node (node 0 also `trainstack-<stack>`), pinned host key."""
     from trainstack import ssh_config as entries
 
     target = _target(stack, workdir)
