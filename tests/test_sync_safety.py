@@ -310,3 +310,25 @@ def test_a_workdir_on_a_volume_of_its_own_is_synced(local_target: Target, connec
         assert snapshot(remote) == expected_remote(local_target)
     finally:
         subprocess.run(["umount", "-l", str(remote)], check=False)
+
+
+@pytest.fixture
+def node_without_flock(local_sshd, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose sessions get a PATH without flock."""
+    from tests.test_sync import _second_sshd
+
+    bindir = tmp_path / "node-bin"
+    bindir.mkdir()
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
+            if tool.name != "flock" and not (bindir / tool.name).exists():
+                os.symlink(tool, bindir / tool.name)
+    yield from _second_sshd(local_sshd, local_target, tmp_path, "noflock", f"PATH={bindir}")
+
+
+def test_a_machine_without_flock_is_told_not_synced_unlocked(node_without_flock: Target) -> None:
+    target = node_without_flock
+    write(target.require_workdir(), "a.py", "a")
+    with Connection(target) as conn, pytest.raises(SyncError, match="flock is not installed on the machine"):
+        sync(target, conn)
+    assert not (remote_workdir(target) / "a.py").exists()  # nothing shipped without the lock

@@ -25,6 +25,7 @@ report() {
 # every process it started, such as rsync's server) has exited, however it ends; a sync whose
 # client vanished is ended by its broken pipe or SIGHUP, which frees the lock with it.
 sync_lock() {
+  command -v flock >/dev/null 2>&1 || answer failed "flock is not installed on the machine: install util-linux there"
   exec 9>"$1/.trainstack-sync.lock" || answer failed "cannot create $1/.trainstack-sync.lock"
   if ! flock -n 9; then
     printf 'trainstack-node: waiting\n' >&2
