@@ -147,6 +147,14 @@ COLUMNS: Sequence[tuple[str, str]] = (
 
 
 def render(rows: Sequence[ExperimentRow], console: Any = None) -> None:
+    """A table on a terminal; into a pipe or file, plain text for cut and awk: a header line and
+    one line per experiment, cells separated by tabs (a cell never holds one), never wrapped."""
+    import sys
+
+    if console is None and not sys.stdout.isatty():
+        for cells in [[title for _, title in COLUMNS], *([getattr(row, name) for name, _ in COLUMNS] for row in rows)]:
+            print("\t".join(" ".join(str(cell).split()) for cell in cells))
+        return
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
