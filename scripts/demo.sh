@@ -9,7 +9,12 @@ cd "$project"
 
 python=${TRAINSTACK_PYTHON:-$repo/.venv/bin/python}
 inv() {
-  echo "+ invoke $*" >&2
+  # Echo the command as it could be typed again: an argument with blanks or quotes is quoted.
+  local line="+ invoke" arg
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then line+=" $arg"; else line+=" ${arg@Q}"; fi
+  done
+  echo "$line" >&2
   "$python" -m invoke --search-root "$repo" "$@"
 }
 

@@ -28,5 +28,6 @@ def test_demo_runs_the_whole_workflow(tmp_path: Path, venv_bin: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch-{i:03d}.npz" for i in range(1, 7)]
     assert "epoch 6/6" in (run / "log").read_text()
     assert "epoch 6/6" in proc.stdout  # the followed log
+    assert "+ invoke train --command 'python train.py --epochs 6'\n" in proc.stderr  # echoed as typed
     assert f"results of run {run.name} are in {tmp_path}/runs/local/{run.name}" in proc.stdout
     assert not local.LocalTarget(tmp_path).root.exists()  # local.down cleaned up
