@@ -87,7 +87,7 @@ def test_ls_status_and_down_on_the_local_target(local_target, project_dir: Path,
 
     listed = invoke(project_dir, "ls", env={"COLUMNS": "200"})
     assert listed.returncode == 0, listed.stderr
-    local_line = next(line for line in listed.stdout.splitlines() if " local " in line)
+    local_line = next(line for line in listed.stdout.splitlines() if line.startswith("local\t"))
     assert "running" in local_line and run.run_id in local_line and "$0" in local_line
 
     status = invoke(project_dir, "status", "-s", "local")
