@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.link import PROFILES
 from bench.run import Bench, Options
 
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str]) -> Options:
                         help="size of the results fetched (default 200, 40 with --quick)")
     parser.add_argument("--tmpdir", type=Path, help="where the workspace goes (default /dev/shm when it has room)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace for inspection")
+    parser.add_argument("--link", choices=sorted(PROFILES), default="loopback",
+                        help="the path every client takes to the machine: loopback (default), or an emulated "
+                        "internet path — home (40 ms RTT, 20 Mbit/s up, 100 down), office (10 ms, 200 both ways)")
     parser.add_argument("--only", action="append", choices=Bench.SCENARIOS, default=[],
                         help="run only this scenario (repeatable; the first sync runs too unless only startup is chosen)")
     args = parser.parse_args(argv)
@@ -36,7 +40,7 @@ def parse_args(argv: list[str]) -> Options:
         parser.error("--results-mb must be at least 1")
     options = Options(runs=args.runs, quick=args.quick, seed=args.seed, results_mib=results,
                       tmpdir=args.tmpdir, keep=args.keep, only=tuple(args.only),
-                      json_path=args.json, markdown_path=args.markdown)
+                      json_path=args.json, markdown_path=args.markdown, link=PROFILES[args.link])
     return options
 
 

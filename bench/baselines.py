@@ -47,6 +47,20 @@ class Baselines:
             f"| {shlex.join(self.endpoint.ssh_argv(remote))}"
         )
 
+    def tar_zstd_dest(self) -> str:
+        return self.endpoint.remote("bench", "tar-zstd")
+
+    def tar_zstd_push(self) -> str:
+        """The same, compressed with zstd's default level on the way: what the wire's floor is
+        when the link, not the CPU, is the limit."""
+        dest = shlex.quote(self.tar_zstd_dest())
+        remote = f"mkdir -p {dest} && zstd -d -q -c | tar -x -C {dest}"
+        return (
+            "set -o pipefail; git ls-files -co --exclude-standard -z "
+            "| tar -c --null --no-recursion -T - | zstd -3 -q -c "
+            f"| {shlex.join(self.endpoint.ssh_argv(remote))}"
+        )
+
     def rsync_push(self) -> list[str]:
         # The remote parent must exist; rsync creates only the last path component.
         return [

@@ -8,6 +8,11 @@ bytes are read off its counters, before and after each command.
 Data moves with `splice(2)` through a pipe, socket to socket inside the kernel, so
 the proxy adds no user-space copy; on loopback its cost is within the run-to-run noise
 (the benchmark measures `ssh true` both ways and reports the difference).
+
+With a `Link` (bench/link.py) the proxy is also the emulated internet path: every byte is
+delayed by half the round trip and paced at the direction's rate, so all clients see the
+same link. Data then passes through user space (a reading and a writing thread per
+direction), which a few hundred Mbit/s do not notice.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+
+from bench.link import PROFILES, Link, Shaper
 
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -38,8 +45,11 @@ class ByteCount:
 class CountingProxy:
     """Forwards 127.0.0.1:<port> to `upstream`, counting bytes in each direction."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1", link: Link = PROFILES["loopback"],
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.link = link
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((host, 0))
@@ -98,8 +108,49 @@ class CountingProxy:
             with self._lock:
                 self._connections += 1
             pair = _Pair(client, server)
-            threading.Thread(target=self._pump, args=(client, server, True, pair), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False, pair), daemon=True).start()
+            pump = self._pump_shaped if self.link.shaped else self._pump
+            threading.Thread(target=pump, args=(client, server, True, pair), daemon=True).start()
+            threading.Thread(target=pump, args=(server, client, False, pair), daemon=True).start()
+
+    def _pump_shaped(self, source: socket.socket, sink: socket.socket, upward: bool, pair: "_Pair") -> None:
+        """One direction through the emulated link: this thread reads, a second one writes
+        each chunk at its release time."""
+        shaper = Shaper(self.link, upward)
+        writer = threading.Thread(target=self._deliver, args=(shaper, sink, pair), daemon=True)
+        writer.start()
+        try:
+            while True:
+                chunk = source.recv(64 * 1024)
+                if not chunk:
+                    break
+                with self._lock:
+                    if upward:
+                        self._up += len(chunk)
+                    else:
+                        self._down += len(chunk)
+                shaper.put(chunk)
+        except OSError:
+            pass
+        finally:
+            shaper.close()
+
+    @staticmethod
+    def _deliver(shaper: Shaper, sink: socket.socket, pair: "_Pair") -> None:
+        try:
+            while True:
+                chunk = shaper.get()
+                if chunk is None:
+                    break
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            shaper.close()
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            pair.done()
 
     def _pump(self, source: socket.socket, sink: socket.socket, upward: bool, pair: "_Pair") -> None:
         read_end, write_end = os.pipe()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import posixpath
 import pty
 import re
 import select
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -31,6 +33,7 @@ from trainstack import contract
 from bench.baselines import Baselines, rsync_stat_bytes
 from bench.measure import Sample, Scenario, Series, Target, Timer
 from bench.project import Entry, Project, ProjectSpec
+from bench.link import PROFILES, Link
 from bench.proxy import CountingProxy
 from bench.target import Endpoint
 from bench.trainstack_cli import TrainstackCli
@@ -52,6 +55,7 @@ class Options:
     only: tuple[str, ...] = ()
     json_path: Path | None = None
     markdown_path: Path | None = None
+    link: Link = PROFILES["loopback"]
 
 
 @dataclass
@@ -146,7 +150,8 @@ class Bench:
         outputs_file = local.outputs_path(self.workspace)
         ssh_dir = self.workspace / ".bench-ssh"
         self.direct = Endpoint.from_outputs(outputs_file, ssh_dir)
-        self.proxy = CountingProxy(self.direct.host, self.direct.port).start()
+        self.proxy = CountingProxy(self.direct.host, self.direct.port, link=self.options.link).start()
+        self.say(f"link: {self.options.link.describe()}")
         # Every client, trainstack included, now reaches sshd through the proxy: the
         # outputs name its port, and the pinned host key stays the same.
         raw = json.loads(outputs_file.read_text())
@@ -182,7 +187,7 @@ class Bench:
 
     # --- the run ---------------------------------------------------------------------------
 
-    SCENARIOS = ("first-sync", "noop", "noop-cold", "edit", "big-change", "delete",
+    SCENARIOS = ("link", "first-sync", "noop", "noop-cold", "edit", "big-change", "delete",
                  "startup", "train", "logs", "fetch")
 
     def run(self) -> Outcome:
@@ -196,6 +201,7 @@ class Bench:
                 self.outcome.errors.append(f"setup: {exc}")
                 return self.outcome
             steps = {
+                "link": self.link_check,
                 "first-sync": self.first_sync,
                 "noop": self.noop_resync,
                 "noop-cold": self.noop_resync_cold,
@@ -208,8 +214,10 @@ class Bench:
                 "fetch": self.fetch_results,
             }
             wanted = set(self.options.only or self.SCENARIOS)
-            if wanted - {"startup"}:
+            if wanted - {"startup", "link"}:
                 wanted.add("first-sync")  # the others start from a synced machine
+            if not self.options.link.shaped:
+                wanted.discard("link")  # nothing emulated: nothing to prove
             for name in self.SCENARIOS:
                 if name not in wanted:
                     continue
@@ -307,6 +315,70 @@ class Bench:
         self._check_baseline(sample, self.baselines.tar_dest())
         return sample
 
+    def _tar_zstd_push_sample(self) -> Sample:
+        assert self.project is not None
+        sample, _ = self.timer.run(self.baselines.tar_zstd_push(), cwd=self.project.root, shell=True)
+        self._check_baseline(sample, self.baselines.tar_zstd_dest())
+        return sample
+
+    def _first_sync_floor(self) -> float | None:
+        """Bytes that must cross (the shipped set as zstd -3 compresses it) over the uplink,
+        plus the one connection every design opens (a fresh `ssh true`, measured now)."""
+        assert self.project is not None
+        link = self.options.link
+        if not shutil.which("zstd") or not link.up_bps:
+            return None
+        packed = subprocess.run(
+            "git ls-files -co --exclude-standard -z | tar -c --null --no-recursion -T - | zstd -3 -q -c | wc -c",
+            shell=True, cwd=self.project.root, capture_output=True, text=True, check=True,
+        )
+        ssh_true = statistics.median(self._ssh_true_sample().seconds for _ in range(3))
+        return int(packed.stdout.strip()) * 8 / link.up_bps + ssh_true
+
+    # --- the emulated link -----------------------------------------------------------------
+
+    def link_check(self) -> Scenario:
+        """That the emulated path is the one asked for: `ssh true` costs its round trips
+        times the RTT, and 10 MiB of incompressible data take their size over each rate."""
+        link = self.options.link
+        scenario = Scenario(f"the emulated link ({link.name})")
+        ssh_true = scenario.add("ssh host true (fresh connection)", "calibration")
+        down = scenario.add("ssh host cat 10 MiB (down)", "calibration")
+        up = scenario.add("cat 10 MiB | ssh host (up)", "calibration")
+        size = 10 * MIB
+        blob = self.direct.remote("bench", "random.bin")
+        subprocess.run(self.direct.ssh_argv(
+            f"mkdir -p {shlex.quote(posixpath.dirname(blob))} && head -c {size} /dev/urandom > {shlex.quote(blob)}"
+        ), check=True, capture_output=True)
+        local_blob = self.workspace / "random.bin"
+        local_blob.write_bytes(os.urandom(size))
+        for _ in range(self.runs):
+            ssh_true.samples.append(self._ssh_true_sample())
+            down.samples.append(self._timed(f"{shlex.join(self.endpoint.ssh_argv(f'cat {shlex.quote(blob)}'))} > /dev/null", shell=True))
+            up.samples.append(self._timed(f"{shlex.join(self.endpoint.ssh_argv('cat > /dev/null'))} < {shlex.quote(str(local_blob))}", shell=True))
+        round_trips = ssh_true.median / link.rtt if link.rtt else 0
+        scenario.notes.append(
+            f"ssh true took {ssh_true.median:.3f} s = {round_trips:.1f} × the {link.rtt * 1000:g} ms RTT "
+            "(TCP, version, key exchange, authentication and the session's round trips, plus both ends' CPU)"
+        )
+        if link.down_bps:
+            expected = size * 8 / link.down_bps
+            scenario.targets.append(Target(
+                f"10 MiB down: off size ÷ {link.down_bps / 1e6:g} Mbit/s by ≤ 20%",
+                abs((down.median - ssh_true.median) / expected - 1), 0.2, unit="",
+            ))
+        if link.up_bps:
+            expected = size * 8 / link.up_bps
+            scenario.targets.append(Target(
+                f"10 MiB up: off size ÷ {link.up_bps / 1e6:g} Mbit/s by ≤ 20%",
+                abs((up.median - ssh_true.median) / expected - 1), 0.2, unit="",
+            ))
+        return scenario
+
+    def _timed(self, command: "list[str] | str", shell: bool = False) -> Sample:
+        sample, _ = self.timer.run(command, shell=shell)
+        return sample
+
     def _take_turns(self, scenario: Scenario, steps: list[tuple[Series, Callable[[], Sample]]],
                     prepare: Callable[[int], None] | None = None) -> None:
         for index in range(self.runs):
@@ -328,10 +400,30 @@ class Bench:
             subprocess.run(self.baselines.clear(self.baselines.tar_dest(), self.baselines.rsync_dest()),
                            check=True, capture_output=True)
 
-        self._take_turns(scenario, [(ours, self._sync_sample), (tar, self._tar_push_sample),
-                                    (rsync, self._rsync_push_sample)], prepare)
-        scenario.reference = {ours.label: [tar.label, rsync.label]}
+        steps = [(ours, self._sync_sample), (tar, self._tar_push_sample), (rsync, self._rsync_push_sample)]
+        zstd = None
+        if shutil.which("zstd"):
+            zstd = scenario.add("tar c | zstd | ssh 'zstd -d | tar x'", "baseline", "tar+zstd")
+            steps.append((zstd, self._tar_zstd_push_sample))
+        else:
+            scenario.notes.append("zstd is not installed here: no tar | zstd | ssh baseline (apt-get install zstd)")
+        self._take_turns(scenario, steps, prepare)
+        scenario.reference = {ours.label: [tar.label, rsync.label] + ([zstd.label] if zstd else [])}
         scenario.targets.append(Target("first sync ≤ 1.25× tar-over-ssh", ours.median / tar.median, 1.25))
+        link = self.options.link
+        if link.shaped:
+            best = min(tar.median, zstd.median) if zstd else tar.median
+            scenario.targets.append(Target(
+                f"first sync ≤ 1.1× the better of tar | ssh and tar | zstd | ssh ({link.name})",
+                ours.median / best, 1.1,
+            ))
+            floor = self._first_sync_floor()
+            if floor is not None:
+                scenario.targets.append(Target(f"first sync ≤ 1.3× its floor ({link.name})", ours.median / floor, 1.3))
+                scenario.notes.append(
+                    f"floor {floor:.2f} s: the project as tar | zstd -3 compresses it, over {link.up_bps / 1e6:g} Mbit/s, "
+                    "plus one fresh `ssh true` (the connection no design avoids)"
+                )
         self._plant_results()
         return scenario
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 purpose=${1:-test}
-packages=(openssh-server openssh-client rsync git procps)
+packages=(openssh-server openssh-client rsync git procps zstd)
 if [ "$purpose" = test ]; then
   packages+=(shellcheck debootstrap iproute2 util-linux)
 fi

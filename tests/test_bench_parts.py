@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 from bench import tree
@@ -93,3 +94,45 @@ def test_tree_compare_names_missing_extra_and_changed(tmp_path: Path) -> None:
     assert (check.missing, check.extra, check.differing) == (["b"], ["c"], ["a"])
     assert not check.ok
     assert tree.compare(expected, expected).ok
+
+
+def test_an_emulated_link_delays_by_its_round_trip_and_paces_at_its_rate() -> None:
+    """Through a shaped proxy a request and its answer take a round trip more, and a bulk
+    transfer takes its size over the direction's rate (each direction its own)."""
+    from bench.link import Link
+
+    link = Link("test", rtt=0.2, up_bps=8e6, down_bps=32e6)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def answer_then_sink_then_send() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(conn.recv(1))  # a ping
+                received = 0
+                while received < 1_000_000:
+                    received += len(conn.recv(65536))
+                conn.sendall(b"d" * 2_000_000)
+
+        thread = threading.Thread(target=answer_then_sink_then_send)
+        thread.start()
+        with CountingProxy("127.0.0.1", port, link=link) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+                started = time.monotonic()
+                client.sendall(b"p")
+                assert client.recv(1) == b"p"
+                ping = time.monotonic() - started
+                started = time.monotonic()
+                client.sendall(b"u" * 1_000_000)  # 1 MB at 8 Mbit/s: 1 s
+                back = 0
+                while back < 2_000_000:  # 2 MB at 32 Mbit/s: 0.5 s
+                    chunk = client.recv(65536)
+                    assert chunk
+                    back += len(chunk)
+                bulk = time.monotonic() - started
+            thread.join(timeout=10)
+            assert proxy.count().up == 1_000_001
+    assert 0.2 <= ping < 0.3, ping
+    assert 1.5 + 0.2 <= bulk < 1.5 + 0.2 + 0.4, bulk
