@@ -332,3 +332,58 @@ def test_a_machine_without_flock_is_told_not_synced_unlocked(node_without_flock:
     with Connection(target) as conn, pytest.raises(SyncError, match="flock is not installed on the machine"):
         sync(target, conn)
     assert not (remote_workdir(target) / "a.py").exists()  # nothing shipped without the lock
+
+
+@pytest.mark.parametrize("transport", ["tar", "first"])
+def test_on_a_real_network_the_tar_stream_is_compressed(
+    local_target: Target, connection: Connection, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zstd between tar and ssh when the link is not loopback (forced here): the same tree
+    arrives, and fewer bytes cross than the files hold."""
+    monkeypatch.setenv("TRAINSTACK_SYNC_COMPRESS", "yes")
+    workdir = local_target.require_workdir()
+    for i in range(50):
+        write(workdir, f"src/m{i}.py", "def f(x):\n    return x * 2\n" * 400)
+    result = sync(local_target, connection, transport=None if transport == "first" else "tar")
+    assert result.transport == "tar"
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+    assert result.bytes_sent < result.bytes_total / 10, (result.bytes_sent, result.bytes_total)
+    write(workdir, "src/m0.py", "changed\n")
+    assert sync(local_target, connection, transport=None if transport == "first" else "tar").transferred == 1
+    assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
+
+
+def test_a_node_without_zstd_gets_the_stream_plain(
+    local_sshd, local_target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_sync import _second_sshd
+
+    monkeypatch.setenv("TRAINSTACK_SYNC_COMPRESS", "yes")
+    bindir = tmp_path / "node-bin"
+    bindir.mkdir()
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
+            if not tool.name.startswith(("zstd", "unzstd")) and not (bindir / tool.name).exists():
+                os.symlink(tool, bindir / tool.name)
+    for target in _second_sshd(local_sshd, local_target, tmp_path, "nozstd", f"PATH={bindir}"):
+        write(target.require_workdir(), "a.py", "a" * 10000)
+        with Connection(target) as conn:
+            result = sync(target, conn)
+        assert result.transport == "tar"
+        assert snapshot(remote_workdir(target)) == expected_remote(target)
+        assert result.bytes_sent > 10000  # plain
+
+
+def test_an_unknown_compression_setting_is_one_line(
+    local_target: Target, connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainstack.errors import UsageError
+
+    write(local_target.require_workdir(), "a.py", "a")
+    sync(local_target, connection)
+    monkeypatch.setenv("TRAINSTACK_SYNC_COMPRESS", "maybe")
+    write(local_target.require_workdir(), "b.py", "b")
+    for _ in range(2):  # a change, and (had it gone through) a no-op
+        with pytest.raises(UsageError, match="TRAINSTACK_SYNC_COMPRESS='maybe' is not one of auto, yes, no"):
+            sync(local_target, connection)
+    assert not (remote_workdir(local_target) / "b.py").exists()

@@ -175,8 +175,9 @@ class NodeAnswer:
     STREAM_BROKEN = "stream-broken"  # the input ended early (the link broke)
     DISK_FULL = "disk-full"  # detail: free KiB
     RSYNC_MISSING = "rsync-missing"
+    ZSTD_MISSING = "zstd-missing"  # a compressed stream was announced to a node without zstd
     FAILED = "failed"  # detail: what could not be done
-    OUTCOMES = (LOCK_HELD, MANIFEST_CHANGED, STREAM_BROKEN, DISK_FULL, RSYNC_MISSING, FAILED)
+    OUTCOMES = (LOCK_HELD, MANIFEST_CHANGED, STREAM_BROKEN, DISK_FULL, RSYNC_MISSING, ZSTD_MISSING, FAILED)
     # Reports, alongside a success.
     KEPT = "kept"  # hex NUL list: files in the way, moved to kept/<sync-id>/
     LEFT = "left"  # hex NUL list: files a deletion left (changed on the node since shipped)

@@ -2,7 +2,7 @@
 # The node side of a sync that ships files as a tar stream (a small change set, the
 # first sync, or any sync when rsync is missing). Sent after sync-lib.sh as `sh -c`'s text.
 #
-# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID NEED_KIB [PATH...]
+# Arguments: ROOT WORKDIR EXPECT WAIT KEPT_ID NEED_KIB COMPRESSION [PATH...]
 #   ROOT      <remote_root>; the manifest, lock, scratch and kept/ live there
 #   WORKDIR   the synced project's directory on the node
 #   EXPECT    the digest of the manifest the node must hold; "none": it must hold none (a
@@ -10,6 +10,7 @@
 #   WAIT      seconds to wait for another sync's lock
 #   KEPT_ID   the name of this sync's directory under kept/, should anything be moved aside
 #   NEED_KIB  the space the files need on the node (0: no check before the stream)
+#   COMPRESSION  "zstd": the stream is one zstd frame (on a real network); "none": plain tar
 #   PATH...   "./path" of every file this sync writes or deletes, when the laptop lists them
 #             here (a small change set); else the stream's .trainstack/check, or for a
 #             first sync the stream's own files
@@ -21,10 +22,11 @@
 # Nothing in the workdir changes until the whole stream has arrived. A file at a path this
 # sync writes that sync did not put there (or that changed since) is moved to
 # ROOT/kept/KEPT_ID/path first; one that a deletion would remove is left where it is.
-root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 need=$6
-shift 6
+root=$1 w=$2 expect=$3 wait=$4 kept_id=$5 need=$6 compression=$7
+shift 7
 m="$root/.trainstack-manifest.json"
 
+if [ "$compression" = zstd ] && ! command -v zstd >/dev/null 2>&1; then answer zstd-missing; fi
 [ -d "$root" ] || mkdir -p "$root" || answer failed "cannot create $root"
 sync_lock "$root" "$wait"
 [ "$expect" = any ] || check_manifest "$m" "$expect"
@@ -36,7 +38,13 @@ trap 'exit 129' HUP PIPE INT TERM
 mkdir "$s/f" || answer failed "cannot write in $s"
 
 # -i: the manifest follows the files as an archive of its own.
-if ! err=$(tar -x -i -p --no-same-owner -f - -C "$s/f" 2>&1); then
+if [ "$compression" = zstd ]; then
+  err=$({ zstd -d -q -c | tar -x -i -p --no-same-owner -f - -C "$s/f"; } 2>&1)
+else
+  err=$(tar -x -i -p --no-same-owner -f - -C "$s/f" 2>&1)
+fi
+# shellcheck disable=SC2181 # the status of the extraction just above
+if [ $? -ne 0 ]; then
   rm -rf "$s/f"
   if is_disk_full "$err"; then answer disk-full "$(df -Pk "$root" | awk 'NR == 2 { print $4 }')"; fi
   answer stream-broken "$err"

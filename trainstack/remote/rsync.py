@@ -91,14 +91,25 @@ def argv(
 ENV_COMPRESS = "TRAINSTACK_SYNC_COMPRESS"  # auto | yes | no
 
 
-def wants_compression(host: str) -> bool:
-    """Compress on real networks; on loopback (the local target) compression only costs CPU."""
+def compression_setting() -> str:
+    """TRAINSTACK_SYNC_COMPRESS as "auto", "yes" or "no" (UsageError for anything else)."""
     setting = os.environ.get(ENV_COMPRESS, "auto").strip().lower()
     if setting in ("1", "yes", "true", "on"):
-        return True
+        return "yes"
     if setting in ("0", "no", "false", "off"):
-        return False
-    return not is_loopback(host)
+        return "no"
+    if setting in ("", "auto"):
+        return "auto"
+    from trainstack.errors import UsageError
+
+    raise UsageError(f"{ENV_COMPRESS}={setting!r} is not one of auto, yes, no: set one of them or unset it")
+
+
+def wants_compression(host: str) -> bool:
+    """Compress on real networks; on loopback (the local target) compression only costs CPU.
+    TRAINSTACK_SYNC_COMPRESS=yes|no decides instead."""
+    setting = compression_setting()
+    return setting == "yes" if setting != "auto" else not is_loopback(host)
 
 
 def is_loopback(host: str) -> bool:

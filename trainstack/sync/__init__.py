@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from trainstack.errors import SyncError
 from trainstack.manifest import Manifest
 from trainstack.remote.answers import Answers
-from trainstack.remote.rsync import RSYNC_VANISHED, RsyncOutcome
+from trainstack.remote.rsync import RSYNC_VANISHED, RsyncOutcome, compression_setting
 from trainstack.remote.session import NodeSession
 from trainstack.remote.shell import LinkFailed, wait_for_node
 from trainstack.sync.node import (
@@ -95,6 +95,7 @@ def sync(
     mode = (transport or os.environ.get(ENV_TRANSPORT) or "auto").strip().lower()
     if mode not in ("auto", TRANSPORT_RSYNC, TRANSPORT_TAR):
         raise SyncError(f"{ENV_TRANSPORT}={mode!r} is not one of auto, rsync, tar")
+    compression_setting()  # a bad setting is refused before anything happens, even for a no-op
 
     # The handshake (if no master is open yet) runs in its own process while the tree is listed.
     conn.open_master()

@@ -35,6 +35,10 @@ class ManifestChanged(Exception):
     """The node does not hold the manifest the plan was made against."""
 
 
+class ZstdMissing(Exception):
+    """A compressed stream was offered to a node without zstd (nothing was changed)."""
+
+
 @dataclass(frozen=True)
 class RemoteLayout:
     root: str
@@ -102,6 +106,8 @@ def node_outcome(conn: "Connection", found: answers.Answers, code: int, stderr: 
         raise ManifestChanged()
     if word == NodeAnswer.RSYNC_MISSING:
         raise RsyncMissing()
+    if word == NodeAnswer.ZSTD_MISSING:
+        raise ZstdMissing()
     if word == NodeAnswer.LOCK_HELD:
         raise SyncError(
             f"another sync to {conn.describe()} held its lock for {found.detail or LOCK_WAIT_SECONDS} s: "

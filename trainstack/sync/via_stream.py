@@ -68,7 +68,7 @@ class StreamPush:
         r = self.remote
         check = plan.check_paths()
         args = [
-            r.root, r.workdir, plan.expected_digest or "none", str(LOCK_WAIT_SECONDS), plan.kept_id, "0",
+            r.root, r.workdir, plan.expected_digest or "none", str(LOCK_WAIT_SECONDS), plan.kept_id, "0", "none",
             *("./" + p for p in check),
         ]
         script = scripts.inline("sync-apply.sh", args)

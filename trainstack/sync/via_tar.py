@@ -21,7 +21,8 @@ from trainstack.manifest import Manifest, PendingScan
 from trainstack.remote import answers, scripts, shell
 from trainstack.remote.rsync import RsyncOutcome
 from trainstack.remote.shell import LinkFailed, last_line
-from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, node_outcome
+from trainstack.remote.rsync import wants_compression
+from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, ZstdMissing, node_outcome
 from trainstack.sync.plan import Plan, kib_needed, nul_list, owned_records
 from trainstack.sync.result import TRANSPORT_TAR
 from trainstack.sync.via_stream import CONTROL_DIR
@@ -70,9 +71,30 @@ class TarPush:
         needed = sum(entries[p].size for p in plan.send)
         files = Files(plan.send, needed, lambda: plan.new_manifest)
         args = [self.remote.root, self.remote.workdir, expect, str(LOCK_WAIT_SECONDS), plan.kept_id, str(kib_needed(needed))]
-        stream = stream_tar_openssh if openssh_tar_available() else stream_tar_paramiko
-        sent, self.answers = stream(self.conn, self.workdir, files, head, scripts.command("sync-apply.sh", args), self.console)
+        sent, self.answers = send_stream(self.conn, self.workdir, files, head, args, self.console)
         return RsyncOutcome(transferred=len(plan.send), bytes_sent=sent, changes=plan.listing())
+
+
+def send_stream(
+    conn: "Connection", workdir: Path, files: Files, head: bytes, args: list[str], console: "Console | None",
+    meanwhile: Callable[[], None] | None = None,
+) -> tuple[int, answers.Answers]:
+    """The stream to sync-apply.sh with its arguments `args`: through OpenSSH, compressed with
+    zstd on a real network when both ends have it (a node without it is sent plain tar);
+    through paramiko without a local tar or ssh."""
+    if not openssh_tar_available():
+        return stream_tar_paramiko(
+            conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "none"]), console, meanwhile,
+        )
+    if wants_compression(conn.host) and shutil.which("zstd"):
+        try:
+            return stream_tar_openssh(
+                conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "zstd"]), console, meanwhile,
+                compress=True,
+            )
+        except ZstdMissing:
+            pass  # the node answered before reading anything: the same stream, plain
+    return stream_tar_openssh(conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "none"]), console, meanwhile)
 
 
 def first_sync(
@@ -86,8 +108,7 @@ def first_sync(
     needed = sum(found[p][2].st_size for p in pending.paths if p in found)
     files = Files(pending.paths, pending.total_bytes, pending.finish)
     args = [remote.root, remote.workdir, "none", str(LOCK_WAIT_SECONDS), kept_id, str(kib_needed(needed))]
-    stream = stream_tar_openssh if openssh_tar_available() else stream_tar_paramiko
-    return stream(conn, workdir, files, control_archive([], b"", [], []), scripts.command("sync-apply.sh", args), console, meanwhile)
+    return send_stream(conn, workdir, files, control_archive([], b"", [], []), args, console, meanwhile)
 
 
 def control_archive(check: Sequence[str], owned: bytes, delete: Sequence[str], rmdirs: Sequence[str]) -> bytes:
@@ -131,11 +152,12 @@ def tar_outcome(conn: "Connection", code: int, stderr: str) -> answers.Answers:
 
 def stream_tar_openssh(
     conn: "Connection", workdir: Path, files: "Files", head: bytes, command: str,
-    console: "Console | None", meanwhile: Callable[[], None] | None = None,
+    console: "Console | None", meanwhile: Callable[[], None] | None = None, compress: bool = False,
 ) -> tuple[int, answers.Answers]:
     """The local tar binary piped through OpenSSH (and its ControlMaster): as fast as
     `tar c | ssh tar x`. The content hashes are computed meanwhile; the manifest
-    follows as a second archive; `meanwhile` runs while the node puts the files in place."""
+    follows as a second archive; `meanwhile` runs while the node puts the files in place.
+    `compress`: the whole stream goes through `zstd` on its way (the bytes sent are its)."""
     import re
 
     paths = files.paths
@@ -150,6 +172,10 @@ def stream_tar_openssh(
             ssh = shell.popen(conn, command, stderr=stderr_file)
             tar_argv = ["tar", "-c", "-f", "-", "--null", "--no-recursion", "-C", str(workdir), "-T", str(listing)]
             assert ssh.stdin is not None
+            squeeze = _Compressor(ssh) if compress else None
+            if squeeze is not None:
+                ssh_stdin = ssh.stdin
+                ssh.stdin = squeeze.stdin  # everything below writes into zstd, which feeds ssh
             sent = 0
             broken = False
             if console is None or not console.is_terminal:
@@ -201,6 +227,9 @@ def stream_tar_openssh(
                         tar.kill()
                 tar_stderr = tar.stderr.read().decode("utf-8", "replace")
                 tar_code = tar.wait()
+            if squeeze is not None:
+                ssh.stdin = ssh_stdin
+                sent, broken = squeeze.finish(), broken or squeeze.broken
             helper = threading.Thread(target=meanwhile, daemon=True) if meanwhile is not None and not broken else None
             if helper is not None:
                 helper.start()
@@ -215,6 +244,49 @@ def stream_tar_openssh(
     if tar_code not in (0, 1):  # 1: a file changed while it was read; the next sync settles it
         raise SyncError(f"tar could not read the workdir (exit {tar_code}): {last_line(tar_stderr)}")
     return sent, found
+
+
+class _Compressor:
+    """`zstd -3` between the stream and ssh: what is written to `stdin` reaches ssh
+    compressed, through a thread that counts the bytes that go on the wire."""
+
+    def __init__(self, ssh: "subprocess.Popen[bytes]") -> None:
+        self._zstd = subprocess.Popen(
+            ["zstd", "-3", "-q", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert self._zstd.stdin is not None
+        self.stdin = self._zstd.stdin
+        self.sent = 0
+        self.broken = False
+        self._ssh = ssh
+        self._pump = threading.Thread(target=self._forward, daemon=True)
+        self._pump.start()
+
+    def _forward(self) -> None:
+        assert self._zstd.stdout is not None and self._ssh.stdin is not None
+        source = self._zstd.stdout.fileno()
+        try:
+            while chunk := os.read(source, 1 << 20):
+                self._ssh.stdin.write(chunk)
+                self.sent += len(chunk)
+            self._ssh.stdin.close()
+        except (BrokenPipeError, OSError):
+            # The node stopped reading (it answered early): stop zstd, so its writer sees the break too.
+            self.broken = True
+            self._zstd.kill()
+
+    def finish(self) -> int:
+        """Wait for the compressed stream to be handed to ssh; the bytes sent."""
+        try:
+            if not self.stdin.closed:
+                self.stdin.close()
+        except BrokenPipeError:
+            self.broken = True
+        self._zstd.wait()
+        self._pump.join()
+        if self._zstd.stdout is not None:
+            self._zstd.stdout.close()
+        return self.sent
 
 
 def stream_tar_paramiko(
