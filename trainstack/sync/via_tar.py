@@ -258,18 +258,19 @@ class _Compressor:
         self.stdin = self._zstd.stdin
         self.sent = 0
         self.broken = False
-        self._ssh = ssh
+        assert ssh.stdin is not None
+        self._sink = ssh.stdin  # taken now: the caller then writes into `stdin` in its place
         self._pump = threading.Thread(target=self._forward, daemon=True)
         self._pump.start()
 
     def _forward(self) -> None:
-        assert self._zstd.stdout is not None and self._ssh.stdin is not None
+        assert self._zstd.stdout is not None
         source = self._zstd.stdout.fileno()
         try:
             while chunk := os.read(source, 1 << 20):
-                self._ssh.stdin.write(chunk)
+                self._sink.write(chunk)
                 self.sent += len(chunk)
-            self._ssh.stdin.close()
+            self._sink.close()
         except (BrokenPipeError, OSError):
             # The node stopped reading (it answered early): stop zstd, so its writer sees the break too.
             self.broken = True
