@@ -103,9 +103,14 @@ class ExperimentMachines(pulumi.ComponentResource):
         experiment: str,
         lookups: images.CloudLookups,
         site: Site,
+        instance_profile: pulumi.Input[str] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__(COMPONENT_TYPE, name, None, opts)
+        #: The instance profile the machines run with (the store's, or trainstack:instanceProfile).
+        self.instance_profile = instance_profile
+        #: The experiment's artifact store (infra/store.py), when the program declared one.
+        self.store: Any = None
         self._name = name
         self._cfg = cfg
         self._site = site
@@ -242,6 +247,7 @@ class ExperimentMachines(pulumi.ComponentResource):
                         user_data_replace_on_change=True,
                         instance_initiated_shutdown_behavior=cfg.shutdown_behavior,
                         instance_market_options=market_options,
+                        iam_instance_profile=self.instance_profile,
                         metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
                             http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
                         ),

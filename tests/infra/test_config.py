@@ -129,7 +129,8 @@ def test_defaults_table_covers_every_field_read_from_config():
     assert set(DEFAULTS) == {
         "instanceType", "nodes", "spot", "rootVolumeGb", "ami", "sshAllowedCidrs", "allowSshFromAnywhere",
         "sshPublicKey", "idleMinutes", "maxHours", "workdir", "command", "results", "onIdle", "pricePerHour",
-        "launcher", "subnetId",
+        "launcher", "subnetId", "store", "instanceProfile", "checkpointDirs", "checkpointSyncMinutes",
+        "checkpointSignal", "checkpointGraceSeconds",
     }
 
 

@@ -41,7 +41,8 @@ def run(cfg: ExperimentConfig | None = None, lookups: images.CloudLookups | None
     """Declares the experiment; resolves to its outputs once every resource is registered (the
     mocks see them in no fixed order)."""
     machines, outputs = program.declare(lookups=lookups, cfg=cfg)
-    registered = pulumi.Output.all(*[resource.urn for resource in machines.declared])
+    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
+    registered = pulumi.Output.all(*[resource.urn for resource in declared])
     return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
@@ -251,9 +252,21 @@ def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behavi
 @pulumi.runtime.test
 def test_every_aws_resource_carries_the_experiment_tags(mocks: RecordingMocks):
     def check(_: dict) -> None:
-        aws_resources = [r for r in mocks.resources if r.typ.startswith("aws:")]
-        # Instances, group, rules, placement group: everything this stack pays for or opens.
-        assert {r.typ for r in aws_resources} == {INSTANCE, SECURITY_GROUP, INGRESS, EGRESS, PLACEMENT_GROUP}
+        # Settings of a bucket or role (public access block, encryption, policies, lifecycle) are
+        # not resources of their own in AWS and take no tags.
+        untaggable = {
+            "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+            "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
+            "aws:s3/bucketPolicy:BucketPolicy", "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
+            "aws:iam/rolePolicy:RolePolicy",
+        }
+        aws_resources = [r for r in mocks.resources if r.typ.startswith("aws:") and r.typ not in untaggable]
+        # Instances, group, rules, placement group, the store's bucket, the machines' role and
+        # profile: everything this stack pays for or opens.
+        assert {r.typ for r in aws_resources} == {
+            INSTANCE, SECURITY_GROUP, INGRESS, EGRESS, PLACEMENT_GROUP, "aws:s3/bucket:Bucket", "aws:iam/role:Role",
+            "aws:iam/instanceProfile:InstanceProfile",
+        }
         for resource in aws_resources:
             tags = resource.inputs.get("tags")
             assert tags, f"{resource.typ} {resource.name} has no tags"
