@@ -134,6 +134,12 @@ class Remote:
     WATCHDOG = "bin/trainstack-watchdog"
     WATCHDOG_ENV = "watchdog.env"  # the watchdog's settings (TRAINSTACK_IDLE_MINUTES=..., ...)
     WATCHDOG_STATE = "watchdog.json"  # its last decision: busy, last activity, deadlines
+    # The artifact store (docs/persistence.md): the watcher and uploader (bootstrap/tools), its
+    # settings written by `invoke train` (none: no store), a machine's own endpoints (tests).
+    STORE_TOOL = "bin/trainstack-store"
+    STORE_ENV = "store.env"
+    MACHINE_ENV = "machine.env"
+    RUN_INTERRUPTED = "interrupted"  # written in a run's dir by the watcher on a spot notice
 
 
 class RunnerExit:
@@ -170,7 +176,13 @@ class RunEnv:
     #: Where rank 0's coordinator listens (on MASTER_ADDR); MASTER_PORT + 1 unless given.
     COORDINATOR_PORT = "TRAINSTACK_COORDINATOR_PORT"
 
-    ALL = (NODE_RANK, NUM_NODES, NODE_IPS, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, COORDINATOR_PORT)
+    #: A run started with `invoke train --resume` (or resumed after a spot loss): "1", and the
+    #: checkpoint dirs restored into the workdir (absolute paths, comma-separated).
+    RESUME = "TRAINSTACK_RESUME"
+    RESUME_DIRS = "TRAINSTACK_RESUME_DIRS"
+
+    ALL = (NODE_RANK, NUM_NODES, NODE_IPS, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, COORDINATOR_PORT, RESUME,
+           RESUME_DIRS)
 
 
 DEFAULT_MASTER_PORT = 29500
@@ -193,6 +205,15 @@ class NodeAnswer:
     KEPT = "kept"  # hex NUL list: files in the way, moved to kept/<sync-id>/
     LEFT = "left"  # hex NUL list: files a deletion left (changed on the node since shipped)
     WAITING = "waiting"  # another sync held the lock; this one waited for it
+
+
+class StoreKeys:
+    """Where things are under an experiment's store prefix (written by bootstrap/tools/
+    trainstack-store, read by the laptop): the machine's results dirs mirrored under workdir/,
+    each run's record under runs/<run-id>/. Rank N > 0 puts node-N/ before both names."""
+
+    WORKDIR = "workdir"
+    RUNS = "runs"
 
 
 class ReadyStatus:
