@@ -176,15 +176,21 @@ def test_the_watchdogs_power_off_leaves_unfetched_results_in_the_store(machine: 
         # A result written after the run, never fetched, not yet stored.
         machine.host.sh(f"echo late > {root}/workdir/results/late.txt && chown {machine.ssh_user}: {root}/workdir/results/late.txt")
         marker = f"{root}/powered-off"
-        env = (f"TRAINSTACK_IDLE_MINUTES=0.001 TRAINSTACK_WATCHDOG_ACTION='touch {marker}' "
-               f"TRAINSTACK_WATCHDOG_SSHD_PID_FILE=/nonexistent")
-        machine.host.sh(f"touch -d '-5 min' {root}/watchdog.env; env {env} {root}/bin/trainstack-watchdog")
-        assert machine.host.path(marker).exists()
+        # The watchdog's settings for this test (the shared machine's own are put back after).
+        machine.host.sh(f"cp -p {root}/watchdog.env {root}/watchdog.env.saved")
+        machine.host.path(f"{root}/watchdog.env").write_text(
+            f"TRAINSTACK_REMOTE_ROOT={root}\nTRAINSTACK_IDLE_MINUTES=0.001\nTRAINSTACK_MAX_HOURS=\n"
+            f"TRAINSTACK_WATCHDOG_ACTION=touch {marker}\nTRAINSTACK_WATCHDOG_SSHD_PID_FILE=/nonexistent\n"
+        )
+        watched = machine.host.sh(f"touch -d '-5 min' {root}/watchdog.env; {root}/bin/trainstack-watchdog")
+        assert machine.host.path(marker).exists(), watched
         objects = stored(s3)
         assert objects["workdir/results/late.txt"] == b"late\n"
         assert json.loads(objects["workdir/results/final.json"]) == expected_state(6)
         # The uploads ran as the SSH user: its index stays writable for the next run's watcher.
         assert machine.host.sh(f"stat -c %U {root}/.trainstack-store-index.json").stdout.decode().strip() == machine.ssh_user
     finally:
-        machine.host.sh(f"rm -f {machine.remote_root}/powered-off {machine.remote_root}/{contract.Remote.STORE_ENV}")
+        root = machine.remote_root
+        machine.host.sh(f"rm -f {root}/powered-off {root}/{contract.Remote.STORE_ENV} {root}/watchdog.json; "
+                        f"[ ! -f {root}/watchdog.env.saved ] || mv -f {root}/watchdog.env.saved {root}/watchdog.env")
         metadata.stop()
