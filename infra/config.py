@@ -48,6 +48,7 @@ CHECKPOINT_DIRS = "checkpointDirs"
 CHECKPOINT_SYNC_MINUTES = "checkpointSyncMinutes"
 CHECKPOINT_SIGNAL = "checkpointSignal"
 CHECKPOINT_GRACE_SECONDS = "checkpointGraceSeconds"
+SPOT_RECOVERY = "spotRecovery"
 
 #: With no idleMinutes/maxHours in the stack, a machine still ends; 0 turns either off.
 DEFAULT_IDLE_MINUTES = contract.DEFAULT_IDLE_MINUTES
@@ -78,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
     CHECKPOINT_SYNC_MINUTES: contract.DEFAULT_CHECKPOINT_SYNC_MINUTES,
     CHECKPOINT_SIGNAL: contract.DEFAULT_CHECKPOINT_SIGNAL,
     CHECKPOINT_GRACE_SECONDS: contract.DEFAULT_CHECKPOINT_GRACE_SECONDS,
+    SPOT_RECOVERY: True,
 }
 
 MAX_NODES = contract.MAX_NODES
@@ -162,6 +164,9 @@ class ExperimentConfig:
     checkpoint_sync_minutes: int | None = contract.DEFAULT_CHECKPOINT_SYNC_MINUTES
     checkpoint_signal: str = contract.DEFAULT_CHECKPOINT_SIGNAL
     checkpoint_grace_seconds: int = contract.DEFAULT_CHECKPOINT_GRACE_SECONDS
+    #: Spot machines come back by themselves after an interruption: a persistent spot request
+    #: that stops (not terminates) the machine and starts it again when capacity returns.
+    spot_recovery: bool = DEFAULTS[SPOT_RECOVERY]
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -170,8 +175,14 @@ class ExperimentConfig:
     @property
     def shutdown_behavior(self) -> str:
         """What a power-off from inside the machine (the idle watchdog) does to it. A one-time
-        spot instance cannot be stopped, only terminated."""
+        spot instance cannot be stopped, only terminated; a recovering one is always stopped."""
+        if self.recovers_spot:
+            return "stop"  # a terminated instance of a persistent request would be launched again
         return "terminate" if self.spot or self.on_idle == "terminate" else "stop"
+
+    @property
+    def recovers_spot(self) -> bool:
+        return self.spot and self.spot_recovery
 
     @property
     def store_enabled(self) -> bool:
@@ -233,6 +244,7 @@ class ExperimentConfig:
             checkpoint_sync_minutes=get(CHECKPOINT_SYNC_MINUTES, _parse_int) or None,
             checkpoint_signal=get(CHECKPOINT_SIGNAL, _parse_str).strip().upper(),
             checkpoint_grace_seconds=get(CHECKPOINT_GRACE_SECONDS, _parse_int),
+            spot_recovery=get(SPOT_RECOVERY, _parse_bool),
         )
 
     @classmethod
@@ -360,6 +372,13 @@ def _validate_store(cfg: ExperimentConfig) -> None:
         except ValueError as exc:
             raise ConfigError(STORE, f"{exc}: write s3://BUCKET or s3://BUCKET/PREFIX, \"\" for a bucket of the "
                               f"experiment's own, or {STORE_OFF}") from None
+    if cfg.recovers_spot and cfg.on_idle == "terminate":
+        raise ConfigError(
+            ON_IDLE,
+            f"terminate cannot end a spot machine with {full_key(SPOT_RECOVERY)} on: its persistent request "
+            f"would launch a new one. Use onIdle: stop (the disk is kept until invoke down), or set "
+            f"{full_key(SPOT_RECOVERY)}: false",
+        )
     if cfg.instance_profile is not None and not _INSTANCE_PROFILE_RE.match(cfg.instance_profile):
         raise ConfigError(INSTANCE_PROFILE, f"{cfg.instance_profile!r} is not an instance profile name: use the name "
                           "(not the ARN) of an existing profile, or leave it empty")

@@ -135,6 +135,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif args.typ == "aws:ec2/instance:Instance":
             outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}")
             resource_id = instance_id(index)
+        elif args.typ == "aws:ec2/spotInstanceRequest:SpotInstanceRequest":
+            # As a fulfilled request: its instance's id and addresses.
+            outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}",
+                           spot_instance_id=instance_id(index), spot_request_state="active")
+            resource_id = f"sir-{index:08x}"
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")
         elif args.typ == "aws:s3/bucket:Bucket":

@@ -227,7 +227,7 @@ def test_injected_lookups_replace_every_aws_query(mocks: RecordingMocks):
     ("spot", "on_idle", "behaviour"),
     [(False, "stop", "stop"), (False, "terminate", "terminate"), (True, "stop", "terminate"), (True, "terminate", "terminate")],
 )
-def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behaviour):
+def test_spot_market_options_and_shutdown_behaviour_without_recovery(mocks, spot, on_idle, behaviour):
     @pulumi.runtime.test
     def body():
         def check(outputs: dict) -> None:
@@ -244,7 +244,7 @@ def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behavi
             else:
                 assert "instanceMarketOptions" not in instance.inputs
 
-        return run(config(spot=spot, on_idle=on_idle)).apply(check)
+        return run(config(spot=spot, on_idle=on_idle, spot_recovery=False)).apply(check)
 
     body()
 
@@ -431,8 +431,9 @@ def test_stack_config_is_read_through_pulumi_config(mocks: RecordingMocks):
     )
 
     def check(outputs: dict) -> None:
-        instances = mocks.of_type(INSTANCE)
-        assert len(instances) == 2
+        # Spot machines that recover (the default): persistent spot requests.
+        instances = mocks.of_type("aws:ec2/spotInstanceRequest:SpotInstanceRequest")
+        assert len(instances) == 2 and not mocks.of_type(INSTANCE)
         assert {i.inputs["instanceType"] for i in instances} == {"g5g.xlarge"}
         assert {i.inputs["ami"] for i in instances} == {fake_image_id(images.DEEP_LEARNING_ARM64.name_pattern)}
         assert ingress_cidrs(mocks) == ["203.0.113.0/24"]
