@@ -361,3 +361,40 @@ def test_runs_without_a_store_start_no_watcher(machine: Machine):
     time.sleep(0.5)
     assert "trainstack-store" not in (machine.root / "runs" / "run-plain" / "runner.log").read_text()
     assert not (machine.root / contract.Remote.BIN / "nothing").exists()
+
+
+# --- the machine started again ------------------------------------------------------------------
+
+
+def test_at_boot_the_run_a_spot_notice_ended_resumes_by_itself(machine: Machine, imds: FakeImds, s3_server: S3Server,
+                                                               bucket: str):
+    """A recovering spot machine is stopped on interruption and started again by AWS; cron's
+    @reboot runs `resume-pending`, with no laptop anywhere."""
+    shutil.copy(REPO / "tests" / "data" / "resumable_train.py", machine.workdir / "train.py")
+    machine.start_run("run-a", "python3 train.py 80 0.05")
+    checkpoints = machine.workdir / "checkpoints"
+    deadline = time.monotonic() + 30
+    while len(list(checkpoints.glob("step-*.json"))) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    imds.announce_interruption("stop")
+    assert machine.wait_for_run("run-a", timeout=30) == 143
+    imds.clear()
+    interrupted_at = max(p.name for p in checkpoints.glob("step-*.json"))
+
+    # The machine boots again (its disk kept); nothing else happens but @reboot.
+    resumed = machine.store("resume-pending")
+    assert resumed.stdout.strip() == "run-a-r1"
+    assert machine.wait_for_run("run-a-r1", timeout=60) == 0
+    log = (machine.root / "runs" / "run-a-r1" / "log").read_text()
+    assert f"resumed at step {int(interrupted_at[5:10])}" in log
+    from test_store_workflow import expected_state
+
+    assert json.loads((machine.workdir / "results" / "final.json").read_text()) == expected_state(80)
+    env = (machine.root / "runs" / "run-a-r1" / "env").read_text().splitlines()
+    assert "TRAINSTACK_RESUME=1" in env and f"TRAINSTACK_RESUME_DIRS={checkpoints}" in env
+    # Once only, and never for a run that ended by itself.
+    assert machine.store("resume-pending").stdout.strip() == ""
+    machine.start_run("run-b", "true")
+    machine.wait_for_run("run-b")
+    assert machine.store("resume-pending").stdout.strip() == ""

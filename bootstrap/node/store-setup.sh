@@ -13,6 +13,15 @@ if [ -s "$tmp" ]; then
 else
   rm -f "$tmp" "$root/store.env"
 fi
+# A spot machine stopped on interruption and started again by its persistent request resumes
+# its interrupted run at boot, with no laptop: cron's @reboot (where the image has cron).
+if command -v crontab >/dev/null 2>&1; then
+  job="@reboot sleep 30; python3 -I $root/bin/trainstack-store resume-pending >>$root/store.log 2>&1"
+  {
+    crontab -l 2>/dev/null | grep -v 'trainstack-store resume-pending'
+    if [ -f "$root/store.env" ]; then echo "$job"; fi
+  } | crontab - || echo "trainstack-node: no @reboot resume (crontab failed)" >&2
+fi
 if [ "$restore" = 1 ] && [ -f "$root/store.env" ]; then
   exec python3 -I "$root/bin/trainstack-store" restore
 fi
