@@ -13,7 +13,6 @@ import configparser
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -99,7 +98,7 @@ def unstored_results(conn: "Connection", node_target: "Target", relatives: list[
     if not node_target.outputs.store or not relatives:
         return relatives
     tool_path = node_target.remote_path(contract.Remote.STORE_TOOL)
-    result = conn.run(f"python3 -I {shlex.quote(tool_path)} unstored", stdin=("\n".join(relatives) + "\n").encode(),
+    result = conn.run(["python3", "-I", tool_path, "unstored"], stdin=("\n".join(relatives) + "\n").encode(),
                       check=False)
     if not result.ok or not result.stdout.strip():
         return relatives  # the store cannot vouch for them: the usual check stands
