@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aws_standins import REGION, ROLE_KEYS, FakeImds, S3Server, imds, s3_server  # noqa: F401 - fixtures
+from aws_standins import FakeImds, S3Server
 from trainstack import contract
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import pytest
 
-from aws_standins import REGION, FakeImds, S3Server, imds, s3_server  # noqa: F401 - fixtures
+from aws_standins import REGION, FakeImds, S3Server
 from trainstack import contract
 from trainstack.local import LocalTarget
 
