@@ -398,3 +398,19 @@ def test_at_boot_the_run_a_spot_notice_ended_resumes_by_itself(machine: Machine,
     machine.start_run("run-b", "true")
     machine.wait_for_run("run-b")
     assert machine.store("resume-pending").stdout.strip() == ""
+
+
+def test_other_ranks_store_under_their_own_name_and_fetch_keeps_them_apart(machine: Machine, s3_server: S3Server,
+                                                                           bucket: str, tmp_path: Path):
+    machine.write_store_env(bucket, TRAINSTACK_NODE_RANK="1")
+    (machine.workdir / "checkpoints").mkdir()
+    (machine.workdir / "checkpoints" / "shard-1.pt").write_bytes(b"rank one's shard")
+    machine.store("push")
+    assert stored(s3_server, bucket) == {"node-1/workdir/checkpoints/shard-1.pt": b"rank one's shard"}
+
+    from trainstack import store
+
+    dest = tmp_path / "runs"
+    assert store.local_path(dest, "node-1/workdir/checkpoints/shard-1.pt") == dest / "_store" / "node-1" / "checkpoints" / "shard-1.pt"
+    assert store.local_path(dest, "runs/r1/node-1/log") == dest / "r1" / "node-1" / "log"
+    assert store.local_path(dest, "workdir/../escape") is None
