@@ -42,6 +42,13 @@ ON_IDLE = "onIdle"
 PRICE_PER_HOUR = "pricePerHour"
 LAUNCHER = "launcher"
 SUBNET_ID = "subnetId"
+STORE = "store"
+INSTANCE_PROFILE = "instanceProfile"
+CHECKPOINT_DIRS = "checkpointDirs"
+CHECKPOINT_SYNC_MINUTES = "checkpointSyncMinutes"
+CHECKPOINT_SIGNAL = "checkpointSignal"
+CHECKPOINT_GRACE_SECONDS = "checkpointGraceSeconds"
+SPOT_RECOVERY = "spotRecovery"
 
 #: With no idleMinutes/maxHours in the stack, a machine still ends; 0 turns either off.
 DEFAULT_IDLE_MINUTES = contract.DEFAULT_IDLE_MINUTES
@@ -66,6 +73,13 @@ DEFAULTS: dict[str, Any] = {
     PRICE_PER_HOUR: "",
     LAUNCHER: "",
     SUBNET_ID: "",
+    STORE: "",
+    INSTANCE_PROFILE: "",
+    CHECKPOINT_DIRS: list(contract.DEFAULT_CHECKPOINT_DIRS),
+    CHECKPOINT_SYNC_MINUTES: contract.DEFAULT_CHECKPOINT_SYNC_MINUTES,
+    CHECKPOINT_SIGNAL: contract.DEFAULT_CHECKPOINT_SIGNAL,
+    CHECKPOINT_GRACE_SECONDS: contract.DEFAULT_CHECKPOINT_GRACE_SECONDS,
+    SPOT_RECOVERY: True,
 }
 
 MAX_NODES = contract.MAX_NODES
@@ -89,6 +103,15 @@ MAX_SSH_PUBLIC_KEY_CHARS = 1024
 MAX_RSA_BITS = 4096
 _AMI_RE = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
 _SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8}([0-9a-f]{9})?$")
+#: An existing instance profile's name (IAM: letters, digits and +=,.@_-, up to 128).
+_INSTANCE_PROFILE_RE = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,128}$")
+#: What trainstack:store may say instead of a bucket: no store at all.
+STORE_OFF = "off"
+#: Signals a training job can be asked to checkpoint with (what PyTorch Lightning, Hugging Face
+#: and plain scripts handle); SIGKILL/SIGSTOP could not be handled at all.
+CHECKPOINT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+#: AWS gives a spot machine two minutes: the job's grace and the upload must fit in them.
+MAX_CHECKPOINT_GRACE_SECONDS = 110
 
 
 class ConfigError(pulumi.RunError, ValueError):
@@ -130,6 +153,20 @@ class ExperimentConfig:
     launcher: str = DEFAULTS[LAUNCHER]
     #: None: the default VPC's default subnet in a zone offering the instance type.
     subnet_id: str | None = None
+    #: "": a bucket of this experiment's own; "s3://bucket[/prefix]": a prefix of a shared
+    #: bucket; "off": no store (results and checkpoints live only on the machine's disk).
+    store: str = DEFAULTS[STORE]
+    #: None: the program declares a role and instance profile allowed only the store's prefix.
+    instance_profile: str | None = None
+    #: None: the default ("checkpoints") where it is one of the results dirs, else none.
+    checkpoint_dirs: tuple[str, ...] | None = None
+    #: None: checkpoints are uploaded only when the run ends or is interrupted (the setting's 0).
+    checkpoint_sync_minutes: int | None = contract.DEFAULT_CHECKPOINT_SYNC_MINUTES
+    checkpoint_signal: str = contract.DEFAULT_CHECKPOINT_SIGNAL
+    checkpoint_grace_seconds: int = contract.DEFAULT_CHECKPOINT_GRACE_SECONDS
+    #: Spot machines come back by themselves after an interruption: a persistent spot request
+    #: that stops (not terminates) the machine and starts it again when capacity returns.
+    spot_recovery: bool = DEFAULTS[SPOT_RECOVERY]
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -138,8 +175,32 @@ class ExperimentConfig:
     @property
     def shutdown_behavior(self) -> str:
         """What a power-off from inside the machine (the idle watchdog) does to it. A one-time
-        spot instance cannot be stopped, only terminated."""
+        spot instance cannot be stopped, only terminated; a recovering one is always stopped."""
+        if self.recovers_spot:
+            return "stop"  # a terminated instance of a persistent request would be launched again
         return "terminate" if self.spot or self.on_idle == "terminate" else "stop"
+
+    @property
+    def recovers_spot(self) -> bool:
+        return self.spot and self.spot_recovery
+
+    @property
+    def store_enabled(self) -> bool:
+        return self.store != STORE_OFF
+
+    @property
+    def effective_checkpoint_dirs(self) -> tuple[str, ...]:
+        """The checkpoint dirs the machine uploads and a resume restores."""
+        if self.checkpoint_dirs is not None:
+            return contract.results_dirs(list(self.checkpoint_dirs))
+        results = contract.results_dirs(list(self.results))
+        return tuple(d for d in contract.DEFAULT_CHECKPOINT_DIRS if any(d == r or d.startswith(r + "/") for r in results))
+
+    def shared_store(self) -> tuple[str, str] | None:
+        """(bucket, prefix) of a shared bucket named in trainstack:store, else None."""
+        if not self.store or self.store == STORE_OFF:
+            return None
+        return contract.parse_store_url(self.store)
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -176,6 +237,14 @@ class ExperimentConfig:
             price_per_hour=get(PRICE_PER_HOUR, _parse_optional_float),
             launcher=get(LAUNCHER, _parse_str).strip(),
             subnet_id=get(SUBNET_ID, _parse_str).strip() or None,
+            store=get(STORE, _parse_str).strip(),
+            instance_profile=get(INSTANCE_PROFILE, _parse_str).strip() or None,
+            checkpoint_dirs=tuple(_parse_str_list(CHECKPOINT_DIRS, values[CHECKPOINT_DIRS]))
+            if CHECKPOINT_DIRS in values else None,
+            checkpoint_sync_minutes=get(CHECKPOINT_SYNC_MINUTES, _parse_int) or None,
+            checkpoint_signal=get(CHECKPOINT_SIGNAL, _parse_str).strip().upper(),
+            checkpoint_grace_seconds=get(CHECKPOINT_GRACE_SECONDS, _parse_int),
+            spot_recovery=get(SPOT_RECOVERY, _parse_bool),
         )
 
     @classmethod
@@ -293,6 +362,49 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(LAUNCHER, f"must be torchrun, or empty to run the command as it is (got {cfg.launcher!r})")
     if cfg.price_per_hour is not None and cfg.price_per_hour < 0:
         raise ConfigError(PRICE_PER_HOUR, f"must be a price in USD per hour, 0 or more (got {cfg.price_per_hour})")
+    _validate_store(cfg)
+
+
+def _validate_store(cfg: ExperimentConfig) -> None:
+    if cfg.store and cfg.store != STORE_OFF:
+        try:
+            contract.parse_store_url(cfg.store)
+        except ValueError as exc:
+            raise ConfigError(STORE, f"{exc}: write s3://BUCKET or s3://BUCKET/PREFIX, \"\" for a bucket of the "
+                              f"experiment's own, or {STORE_OFF}") from None
+    if cfg.recovers_spot and cfg.on_idle == "terminate":
+        raise ConfigError(
+            ON_IDLE,
+            f"terminate cannot end a spot machine with {full_key(SPOT_RECOVERY)} on: its persistent request "
+            f"would launch a new one. Use onIdle: stop (the disk is kept until invoke down), or set "
+            f"{full_key(SPOT_RECOVERY)}: false",
+        )
+    if cfg.instance_profile is not None and not _INSTANCE_PROFILE_RE.match(cfg.instance_profile):
+        raise ConfigError(INSTANCE_PROFILE, f"{cfg.instance_profile!r} is not an instance profile name: use the name "
+                          "(not the ARN) of an existing profile, or leave it empty")
+    try:
+        checkpoint_dirs = contract.results_dirs(list(cfg.checkpoint_dirs or ()))
+    except contract.ResultsError as exc:
+        raise ConfigError(CHECKPOINT_DIRS, str(exc)) from None
+    results = contract.results_dirs(list(cfg.results))
+    for path in checkpoint_dirs:
+        if not any(path == r or path.startswith(r + "/") for r in results):
+            raise ConfigError(
+                CHECKPOINT_DIRS,
+                f"entry {path!r} is not inside a results dir ({', '.join(results)}): sync could delete it; "
+                f"add it to {full_key(RESULTS)} too",
+            )
+    if cfg.checkpoint_sync_minutes is not None and cfg.checkpoint_sync_minutes < 1:
+        raise ConfigError(CHECKPOINT_SYNC_MINUTES, f"must be a positive number of minutes, or 0 for only at the end "
+                          f"(got {cfg.checkpoint_sync_minutes})")
+    if cfg.checkpoint_signal not in CHECKPOINT_SIGNALS:
+        raise ConfigError(CHECKPOINT_SIGNAL, f"must be one of {', '.join(CHECKPOINT_SIGNALS)} (got {cfg.checkpoint_signal!r})")
+    if not 0 <= cfg.checkpoint_grace_seconds <= MAX_CHECKPOINT_GRACE_SECONDS:
+        raise ConfigError(
+            CHECKPOINT_GRACE_SECONDS,
+            f"must be between 0 and {MAX_CHECKPOINT_GRACE_SECONDS} seconds: a spot machine has two minutes after "
+            f"the notice, and the upload needs the rest (got {cfg.checkpoint_grace_seconds})",
+        )
 
 
 def _validate_cidrs(cidrs: tuple[str, ...], allow_anywhere: bool) -> None:

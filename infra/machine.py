@@ -103,9 +103,14 @@ class ExperimentMachines(pulumi.ComponentResource):
         experiment: str,
         lookups: images.CloudLookups,
         site: Site,
+        instance_profile: pulumi.Input[str] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__(COMPONENT_TYPE, name, None, opts)
+        #: The instance profile the machines run with (the store's, or trainstack:instanceProfile).
+        self.instance_profile = instance_profile
+        #: The experiment's artifact store (infra/store.py), when the program declared one.
+        self.store: Any = None
         self._name = name
         self._cfg = cfg
         self._site = site
@@ -212,7 +217,7 @@ class ExperimentMachines(pulumi.ComponentResource):
             )
         )
         market_options = None
-        if cfg.spot:
+        if cfg.spot and not cfg.recovers_spot:
             market_options = aws.ec2.InstanceInstanceMarketOptionsArgs(
                 market_type="spot",
                 spot_options=aws.ec2.InstanceInstanceMarketOptionsSpotOptionsArgs(
@@ -228,38 +233,63 @@ class ExperimentMachines(pulumi.ComponentResource):
             node_tags = self._tags.apply(
                 lambda t, rank=rank: {**t, "Name": f"{t['Name']}-{rank}", "trainstack:rank": str(rank)}
             )
-            instances.append(
-                self._own(
-                    aws.ec2.Instance(
-                        f"{self._name}-{rank}",
-                        ami=image_id,
-                        instance_type=cfg.instance_type,
-                        subnet_id=site.subnet.id,
-                        vpc_security_group_ids=[self.security_group.id],
-                        associate_public_ip_address=True,
-                        placement_group=placement_group.name if placement_group is not None else None,
-                        user_data_base64=user_data,
-                        user_data_replace_on_change=True,
-                        instance_initiated_shutdown_behavior=cfg.shutdown_behavior,
-                        instance_market_options=market_options,
-                        metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
-                            http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
-                        ),
-                        root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-                            volume_type="gp3", volume_size=root_volume_gb(cfg, site.hardware), encrypted=True,
-                            delete_on_termination=True, tags=node_tags,
-                        ),
-                        tags=node_tags,
-                        opts=instance_opts,
-                    )
+            # Plain dicts for the nested settings: the same for an instance and a spot request.
+            machine_args: dict[str, Any] = dict(
+                ami=image_id,
+                instance_type=cfg.instance_type,
+                subnet_id=site.subnet.id,
+                vpc_security_group_ids=[self.security_group.id],
+                associate_public_ip_address=True,
+                placement_group=placement_group.name if placement_group is not None else None,
+                user_data_base64=user_data,
+                user_data_replace_on_change=True,
+                instance_initiated_shutdown_behavior=cfg.shutdown_behavior,
+                iam_instance_profile=self.instance_profile,
+                metadata_options={"http_endpoint": "enabled", "http_tokens": "required", "http_put_response_hop_limit": 1},
+                root_block_device={
+                    "volume_type": "gp3", "volume_size": root_volume_gb(cfg, site.hardware), "encrypted": True,
+                    "delete_on_termination": True, "tags": node_tags,
+                },
+                tags=node_tags,
+                opts=instance_opts,
+            )
+            if cfg.recovers_spot:
+                instances.append(self._declare_recovering_spot(rank, machine_args, node_tags))
+            else:
+                instances.append(
+                    self._own(aws.ec2.Instance(f"{self._name}-{rank}", instance_market_options=market_options, **machine_args))
+                )
+        return instances
+
+    def _declare_recovering_spot(self, rank: int, machine_args: dict[str, Any],
+                                 node_tags: pulumi.Output[dict[str, str]]) -> aws.ec2.SpotInstanceRequest:
+        """A spot machine that AWS stops when it takes the capacity back and starts again when
+        capacity returns: same instance id, same disk (workdir, venv, checkpoints), same
+        private address. Destroying the stack cancels the request before the instance goes, so
+        no request is left to launch another (a persistent request declared through
+        aws.ec2.Instance is not cancelled by destroy). The request's tags are not the
+        instance's: each tag is set on the instance too."""
+        args = {k: v for k, v in machine_args.items() if k != "opts"}
+        request = self._own(
+            aws.ec2.SpotInstanceRequest(
+                f"{self._name}-{rank}", spot_type="persistent", instance_interruption_behavior="stop",
+                wait_for_fulfillment=True, opts=machine_args["opts"], **args,
+            )
+        )
+        for key in (contract.Tags.EXPERIMENT, contract.Tags.OWNER, contract.Tags.CREATED_BY, "Name", "trainstack:rank"):
+            safe = key.replace(":", "-")
+            self._own(
+                aws.ec2.Tag(
+                    f"{self._name}-{rank}-tag-{safe}", resource_id=request.spot_instance_id, key=key,
+                    value=node_tags.apply(lambda t, key=key: t[key]), opts=pulumi.ResourceOptions(parent=request),
                 )
             )
-        return instances
+        return request
 
     def _declare_outputs(self) -> None:
         self.nodes = pulumi.Output.all(
             *[
-                pulumi.Output.all(i.public_ip, i.private_ip, i.id).apply(
+                pulumi.Output.all(i.public_ip, i.private_ip, _instance_id(i)).apply(
                     lambda v: contract.Node(host=v[0] or "", private_ip=v[1] or "", instance_id=v[2] or "").to_output()
                 )
                 for i in self.instances
@@ -274,3 +304,10 @@ class ExperimentMachines(pulumi.ComponentResource):
     def _own(self, resource: R) -> R:
         self.declared.append(resource)
         return resource
+
+
+def _instance_id(machine: pulumi.Resource) -> pulumi.Output[str]:
+    """The EC2 instance id of a node: a spot request's is its fulfilled instance's."""
+    if isinstance(machine, aws.ec2.SpotInstanceRequest):
+        return machine.spot_instance_id
+    return machine.id  # type: ignore[attr-defined]

@@ -10,7 +10,8 @@ import pulumi
 from . import preflight
 from .config import ExperimentConfig
 from .images import AwsLookups, CloudLookups
-from .machine import ExperimentMachines
+from .machine import ExperimentMachines, experiment_tags
+from .store import ArtifactStore
 from trainstack import contract
 from trainstack.contract import Outputs
 
@@ -22,7 +23,8 @@ def hourly_price(cfg: ExperimentConfig, region: str) -> float | None:
 
 
 def experiment_outputs(
-    machines: ExperimentMachines, cfg: ExperimentConfig, region: str, experiment: str
+    machines: ExperimentMachines, cfg: ExperimentConfig, region: str, experiment: str,
+    store: ArtifactStore | None = None,
 ) -> dict[str, pulumi.Input[Any]]:
     """The stack outputs, by the names of the shared contract (plus `placement` and `image`, for
     people)."""
@@ -40,13 +42,26 @@ def experiment_outputs(
         Outputs.IDLE_MINUTES: cfg.idle_minutes,
         Outputs.MAX_HOURS: cfg.max_hours,
         Outputs.PRICE_PER_HOUR: hourly_price(cfg, region),
+        Outputs.STORE: store.url if store is not None else "",
+        Outputs.CHECKPOINT_DIRS: list(cfg.effective_checkpoint_dirs),
+        Outputs.CHECKPOINT_SYNC_MINUTES: cfg.checkpoint_sync_minutes,
+        Outputs.CHECKPOINT_SIGNAL: cfg.checkpoint_signal,
+        Outputs.CHECKPOINT_GRACE_SECONDS: cfg.checkpoint_grace_seconds,
+        Outputs.INSTANCE_PROFILE: machines.instance_profile if machines.instance_profile is not None else "",
         "placement": machines.placement,
         "image": machines.image,
     }
 
 
+def declare_store(cfg: ExperimentConfig, experiment: str, lookups: CloudLookups) -> ArtifactStore | None:
+    """The artifact store and the machines' access to it, unless trainstack:store is off."""
+    if not cfg.store_enabled:
+        return None
+    return ArtifactStore("store", cfg, experiment=experiment, tags=experiment_tags(experiment, lookups.caller_arn()))
+
+
 def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> tuple[ExperimentMachines, dict[str, pulumi.Input[Any]]]:
-    """Declares the experiment's machines; returns them and the stack outputs.
+    """Declares the experiment's store and machines; returns the machines and the stack outputs.
 
     Settings are validated first (ConfigError), then checked against the account and region
     (PreflightError), so a bad value or a launch that would fail declares nothing.
@@ -55,8 +70,13 @@ def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = 
     lookups = lookups if lookups is not None else AwsLookups()
     site = preflight.check(cfg, lookups)
     experiment = pulumi.get_stack()
-    machines = ExperimentMachines("experiment", cfg, experiment=experiment, lookups=lookups, site=site)
-    return machines, experiment_outputs(machines, cfg, site.region, experiment)
+    store = declare_store(cfg, experiment, lookups)
+    profile = store.instance_profile if store is not None else cfg.instance_profile
+    machines = ExperimentMachines(
+        "experiment", cfg, experiment=experiment, lookups=lookups, site=site, instance_profile=profile
+    )
+    machines.store = store
+    return machines, experiment_outputs(machines, cfg, site.region, experiment, store)
 
 
 def main(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> dict[str, pulumi.Input[Any]]:

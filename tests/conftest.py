@@ -80,3 +80,8 @@ def venv_bin() -> Path:
     if not (path / "invoke").exists():
         path = REPO / ".venv" / "bin"
     return path
+
+
+# The artifact store's stand-ins on 127.0.0.1: moto's S3 server (one per session) and a fake
+# IMDSv2 (one per test). See aws_standins.py.
+from aws_standins import imds, s3_server  # noqa: E402,F401 - fixtures

@@ -50,7 +50,8 @@ def test_new_writes_a_stack_file_the_pulumi_program_accepts(project_dir: Path, m
     cfg = ExperimentConfig.from_raw({k: v for k, v in config.items() if k.startswith("trainstack:")})
     assert cfg.ssh_allowed_cidrs == ("198.51.100.23/32",)
     assert cfg.max_hours == 6
-    assert cfg.shutdown_behavior == "terminate"
+    # A spot machine recovers by default (docs/persistence.md): its power-off stops it.
+    assert cfg.recovers_spot and cfg.shutdown_behavior == "stop"
 
 
 def test_new_asks_the_injected_lookup_for_the_callers_address(project_dir: Path) -> None:

@@ -300,10 +300,15 @@ def train(
     master_port: int | None = None,
     processes_per_node: int | None = None,
     run_id: str | None = None,
+    resume: bool = False,
     notify: Notify | None = None,
 ) -> ClusterRun:
     """Check, sync (with `sync(target, conn)` per node, unless None), install dependencies and
-    start one run on every node. Nothing is started unless it starts everywhere."""
+    start one run on every node. Nothing is started unless it starts everywhere.
+
+    Each node gets the artifact store's settings for the run's watcher; with `resume` the
+    stored checkpoints are restored first and the run is told so (TRAINSTACK_RESUME=1 and the
+    restored dirs in TRAINSTACK_RESUME_DIRS)."""
     command = command if command is not None else target.command
     if command is None or not command.strip():
         raise UsageError(
@@ -325,7 +330,7 @@ def train(
         target.require_workdir()
     run_id = run_id or new_run_id()
 
-    from trainstack import deps, tools
+    from trainstack import deps, store, tools
     from trainstack.remote import answers, scripts
 
     venv = contract.Remote.VENV
@@ -396,7 +401,8 @@ def train(
             installs[rank] = "skipped" if wanted is not None else "none"
         else:
             installs[rank] = deps.install_dependencies(conn)
-        return start_run(conn, commands[rank], {**variables, **layout.env(rank)}, force=force, run_id=run_id)
+        resumed = store.prepare_node(conn, node_target, rank, resume=resume)
+        return start_run(conn, commands[rank], {**variables, **layout.env(rank), **resumed}, force=force, run_id=run_id)
 
     started = nodes.each(prepare_and_start)
     if notify is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -51,11 +52,21 @@ class Outputs:
     IDLE_MINUTES = "idle_minutes"
     MAX_HOURS = "max_hours"
     PRICE_PER_HOUR = "price_per_hour"
+    # The artifact store (docs/persistence.md): "s3://bucket/prefix" of this experiment, "" when
+    # trainstack:store is off; and what the machine does with the checkpoint dirs.
+    STORE = "store"
+    CHECKPOINT_DIRS = "checkpoint_dirs"
+    CHECKPOINT_SYNC_MINUTES = "checkpoint_sync_minutes"  # null: only at the run's end or interruption
+    CHECKPOINT_SIGNAL = "checkpoint_signal"  # "SIGTERM": what the job gets on a spot notice
+    CHECKPOINT_GRACE_SECONDS = "checkpoint_grace_seconds"  # between the signal and the upload
+    INSTANCE_PROFILE = "instance_profile"  # the machines' instance profile name
 
     REQUIRED = (NODES, SSH_USER, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT)
     ALL = (
         NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT, INSTANCE_TYPE,
         REGION, SPOT, EXPERIMENT, RESULTS, IDLE_MINUTES, MAX_HOURS, PRICE_PER_HOUR,
+        STORE, CHECKPOINT_DIRS, CHECKPOINT_SYNC_MINUTES, CHECKPOINT_SIGNAL, CHECKPOINT_GRACE_SECONDS,
+        INSTANCE_PROFILE,
     )
 
 
@@ -123,6 +134,12 @@ class Remote:
     WATCHDOG = "bin/trainstack-watchdog"
     WATCHDOG_ENV = "watchdog.env"  # the watchdog's settings (TRAINSTACK_IDLE_MINUTES=..., ...)
     WATCHDOG_STATE = "watchdog.json"  # its last decision: busy, last activity, deadlines
+    # The artifact store (docs/persistence.md): the watcher and uploader (bootstrap/tools), its
+    # settings written by `invoke train` (none: no store), a machine's own endpoints (tests).
+    STORE_TOOL = "bin/trainstack-store"
+    STORE_ENV = "store.env"
+    MACHINE_ENV = "machine.env"
+    RUN_INTERRUPTED = "interrupted"  # written in a run's dir by the watcher on a spot notice
 
 
 class RunnerExit:
@@ -159,7 +176,13 @@ class RunEnv:
     #: Where rank 0's coordinator listens (on MASTER_ADDR); MASTER_PORT + 1 unless given.
     COORDINATOR_PORT = "TRAINSTACK_COORDINATOR_PORT"
 
-    ALL = (NODE_RANK, NUM_NODES, NODE_IPS, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, COORDINATOR_PORT)
+    #: A run started with `invoke train --resume` (or resumed after a spot loss): "1", and the
+    #: checkpoint dirs restored into the workdir (absolute paths, comma-separated).
+    RESUME = "TRAINSTACK_RESUME"
+    RESUME_DIRS = "TRAINSTACK_RESUME_DIRS"
+
+    ALL = (NODE_RANK, NUM_NODES, NODE_IPS, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, COORDINATOR_PORT, RESUME,
+           RESUME_DIRS)
 
 
 DEFAULT_MASTER_PORT = 29500
@@ -184,6 +207,15 @@ class NodeAnswer:
     WAITING = "waiting"  # another sync held the lock; this one waited for it
 
 
+class StoreKeys:
+    """Where things are under an experiment's store prefix (written by bootstrap/tools/
+    trainstack-store, read by the laptop): the machine's results dirs mirrored under workdir/,
+    each run's record under runs/<run-id>/. Rank N > 0 puts node-N/ before both names."""
+
+    WORKDIR = "workdir"
+    RUNS = "runs"
+
+
 class ReadyStatus:
     OK = "ok"
     FAILED = "failed"
@@ -192,6 +224,31 @@ class ReadyStatus:
 DEFAULT_SSH_USER = "ubuntu"
 DEFAULT_REMOTE_ROOT = "/home/ubuntu/trainstack"
 DEFAULT_RESULTS = ("results", "checkpoints")
+DEFAULT_CHECKPOINT_DIRS = ("checkpoints",)
+DEFAULT_CHECKPOINT_SYNC_MINUTES = 10
+DEFAULT_CHECKPOINT_SIGNAL = "SIGTERM"
+DEFAULT_CHECKPOINT_GRACE_SECONDS = 60
+#: Where an experiment's objects live inside its own bucket (a shared bucket: under the given
+#: prefix): <prefix>/<experiment>/.
+STORE_ROOT_PREFIX = "trainstack"
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """`s3://bucket[/prefix]` as (bucket, prefix without slashes at either end). ValueError
+    says what is wrong."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r} is not an s3:// address")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"{bucket!r} is not a bucket name (3-63 lowercase letters, digits, '.' and '-')")
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' part")
+    return bucket, prefix
+
+
+def store_url(bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/{prefix.strip('/')}" if prefix.strip("/") else f"s3://{bucket}"
 SSH_PORT = 22
 
 
@@ -348,6 +405,12 @@ class StackOutputs:
     idle_minutes: int | None = None
     max_hours: float | None = None
     price_per_hour: float | None = None
+    #: "s3://bucket/prefix" of the experiment's artifact store; "" without one.
+    store: str = ""
+    checkpoint_dirs: tuple[str, ...] = DEFAULT_CHECKPOINT_DIRS
+    checkpoint_sync_minutes: int | None = DEFAULT_CHECKPOINT_SYNC_MINUTES
+    checkpoint_signal: str = DEFAULT_CHECKPOINT_SIGNAL
+    checkpoint_grace_seconds: int = DEFAULT_CHECKPOINT_GRACE_SECONDS
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -380,6 +443,11 @@ class StackOutputs:
             idle_minutes=raw.get(Outputs.IDLE_MINUTES),
             max_hours=raw.get(Outputs.MAX_HOURS),
             price_per_hour=raw.get(Outputs.PRICE_PER_HOUR),
+            store=str(raw.get(Outputs.STORE) or ""),
+            checkpoint_dirs=tuple(raw.get(Outputs.CHECKPOINT_DIRS) or DEFAULT_CHECKPOINT_DIRS),
+            checkpoint_sync_minutes=raw.get(Outputs.CHECKPOINT_SYNC_MINUTES, DEFAULT_CHECKPOINT_SYNC_MINUTES),
+            checkpoint_signal=str(raw.get(Outputs.CHECKPOINT_SIGNAL) or DEFAULT_CHECKPOINT_SIGNAL),
+            checkpoint_grace_seconds=int(raw.get(Outputs.CHECKPOINT_GRACE_SECONDS) or DEFAULT_CHECKPOINT_GRACE_SECONDS),
             raw=dict(raw),
         )
 

@@ -402,7 +402,8 @@ def _unfetched_message(stack: str, missing: list[str], fetched: bool) -> str:
 
 
 def unfetched_results(conn: Any, target: Target) -> list[str]:
-    """Result files on the machine that no fetch brought back in their current version."""
-    from trainstack import fetch
+    """Result files on the machine that neither a fetch brought back nor the artifact store
+    holds in their current version (the machine uploads what it can first)."""
+    from trainstack import fetch, store
 
-    return fetch.unfetched_results(target, conn)
+    return store.unstored_results(conn, target, fetch.unfetched_results(target, conn))

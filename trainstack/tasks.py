@@ -143,11 +143,13 @@ def sync(c, stack=None, workdir=None, dry_run=False):
                     "(default: the stack's trainstack:launcher)",
         "master_port": "port of rank 0's rendezvous store (default 29500; the next port is also used)",
         "nproc_per_node": "processes per node under torchrun (default: the node's GPUs, 1 without)",
+        "resume": "restore the latest stored checkpoints first and tell the command "
+                  "(TRAINSTACK_RESUME=1, TRAINSTACK_RESUME_DIRS)",
     },
 )
 @handle_errors
 def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, force=False, env=None,
-          torchrun=False, master_port=None, nproc_per_node=None):
+          torchrun=False, master_port=None, nproc_per_node=None, resume=False):
     """Sync, install dependencies, and start a training run on every node, detached from this terminal."""
     from trainstack import cluster
     from trainstack.console import node_console
@@ -166,7 +168,7 @@ def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, fo
         run = cluster.train(
             target, nodes, command=command, sync=sync_step, force=force, env=env or (), torchrun=torchrun,
             master_port=_int_option("master-port", master_port),
-            processes_per_node=_int_option("nproc-per-node", nproc_per_node), notify=note,
+            processes_per_node=_int_option("nproc-per-node", nproc_per_node), resume=bool(resume), notify=note,
         )
         print(run.run_id, flush=True)
         if follow:
@@ -236,13 +238,22 @@ def status(c, stack=None, workdir=None, node=None):
         "run": "run id (default: the latest run)",
         "node": "fetch from this node (rank) into runs/<stack>/<run-id>/node-K/ (default: node 0, into runs/<stack>/<run-id>/)",
         "all_nodes": "fetch from every node, each into runs/<stack>/<run-id>/node-K/",
+        "from_store": "fetch from the artifact store instead of the machine (which may be gone): "
+                      "each run's record into runs/<stack>/<run-id>/, the results dirs into runs/<stack>/_store/",
     }
 )
 @handle_errors
-def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False):
+def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False, from_store=False):
     """Bring a run's results, checkpoints and log back into runs/<stack>/<run-id>/."""
     from trainstack.cluster import fetch_nodes
 
+    if from_store:
+        from trainstack.layout import fetched_runs_dir
+        from trainstack.store import LaptopStore
+
+        target = _target(stack, workdir)
+        LaptopStore(target).fetch(fetched_runs_dir(target.project_dir, target.stack), notify=note)
+        return
     target, rank = _target_and_node(stack, workdir, node)
     fetch_nodes(target, run, rank=rank, all_nodes=bool(all_nodes), console=_console(), notify=note)
 

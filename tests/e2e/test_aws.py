@@ -35,6 +35,9 @@ pytestmark = pytest.mark.e2e
 ENABLE_ENV = "TRAINSTACK_E2E"
 #: 1 also runs the GPU variant: spot, two nodes (costs more; needs a G quota, see docs/testing.md).
 GPU_ENV = "TRAINSTACK_E2E_GPU"
+#: 1 also runs the spot variant with the artifact store (a t3.micro spot machine, an S3 bucket
+#: emptied and deleted after the destroy).
+SPOT_ENV = "TRAINSTACK_E2E_SPOT"
 GPU_INSTANCE_TYPE_ENV = "TRAINSTACK_E2E_GPU_INSTANCE_TYPE"
 DEFAULT_GPU_INSTANCE_TYPE = "g4dn.xlarge"
 CIDR_ENV = "TRAINSTACK_E2E_SSH_CIDR"
@@ -54,9 +57,16 @@ WORKFLOW_SECONDS = 1200
 DESTROY_SECONDS = 900
 TEST_TIMEOUT_SECONDS = UP_SECONDS + WAIT_SECONDS + 60 + WORKFLOW_SECONDS + 2 * DESTROY_SECONDS
 #: The experiments run: name -> (settings, environment variable that must be 1, or None).
+#: Without the store (a retained bucket per run of the test otherwise), except in the spot
+#: variant, which checks it and deletes its bucket after the destroy.
+NO_STORE = {"trainstack:store": "off"}
 VARIANTS = {
-    "cpu": ({}, None),
-    "gpu-spot-2-nodes": ({"trainstack:spot": "true", "trainstack:nodes": "2"}, GPU_ENV),
+    "cpu": (NO_STORE, None),
+    "gpu-spot-2-nodes": ({**NO_STORE, "trainstack:spot": "true", "trainstack:spotRecovery": "false",
+                          "trainstack:nodes": "2"}, GPU_ENV),
+    # A recovering spot machine (persistent request, stopped on interruption) with the store:
+    # results reach the bucket, fetch --from-store reads them, train --resume restores them.
+    "spot-store": ({"trainstack:spot": "true", "trainstack:onIdle": "stop"}, SPOT_ENV),
 }
 
 
@@ -102,7 +112,7 @@ def stack_name() -> str:
 def variant(request: pytest.FixtureRequest) -> dict[str, str]:
     settings, gate = VARIANTS[request.param]
     if gate is not None and os.environ.get(gate) != "1":
-        pytest.skip(f"AWS end-to-end {request.param} variant: set {gate}=1 to run it (GPU spot capacity costs more)")
+        pytest.skip(f"AWS end-to-end {request.param} variant: set {gate}=1 to run it (it costs more than the cpu variant)")
     if gate == GPU_ENV:
         settings = {**settings, "trainstack:instanceType": os.environ.get(GPU_INSTANCE_TYPE_ENV, DEFAULT_GPU_INSTANCE_TYPE)}
     return settings
@@ -222,3 +232,43 @@ def test_experiment_on_aws(aws_stack: object, stack_name: str, tmp_path: Path) -
             assert digests(local_run / results_dir) == parse_remote_digests(remote.stdout)
         log = conn.run(["cat", target.remote_path(contract.Remote.RUNS, run_id, contract.Remote.RUN_LOG)])
     assert (local_run / contract.Remote.RUN_LOG).read_text() == log.stdout
+
+    if outputs.get(contract.Outputs.STORE):
+        _check_the_store(outputs[contract.Outputs.STORE], stack_name, run_id, local_run, task)
+
+
+def _check_the_store(store_url: str, stack_name: str, run_id: str, local_run: Path, task) -> None:
+    """The run's record and results reached the store; fetch --from-store brings the same
+    bytes; a resumed run is told where its checkpoints are. The bucket is deleted at the end
+    (after the destroy, which keeps it)."""
+    import boto3
+
+    bucket, prefix = contract.parse_store_url(store_url)
+    client = boto3.client("s3", region_name=os.environ.get(REGION_ENV, DEFAULT_REGION))
+    deadline = time.monotonic() + 120
+    key = f"{prefix}/runs/{run_id}/exit_code"
+    while time.monotonic() < deadline:
+        if client.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount"):
+            break
+        time.sleep(5)
+    else:
+        pytest.fail(f"{key} never reached s3://{bucket}")
+    task("fetch", "--from-store")
+    fetched = REPO / "runs" / stack_name
+    for results_dir in contract.DEFAULT_RESULTS:
+        assert digests(fetched / "_store" / results_dir) == digests(local_run / results_dir)
+    resumed = task("train", "--resume", "--follow").strip().splitlines()
+    assert resumed, "train --resume printed no run id"
+    import atexit
+
+    def delete_bucket() -> None:
+        # The deliberate, separate act docs/persistence.md describes.
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
+        if prefix.startswith(contract.STORE_ROOT_PREFIX + "/"):
+            client.delete_bucket(Bucket=bucket)
+
+    atexit.register(delete_bucket)

@@ -135,8 +135,23 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif args.typ == "aws:ec2/instance:Instance":
             outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}")
             resource_id = instance_id(index)
+        elif args.typ == "aws:ec2/spotInstanceRequest:SpotInstanceRequest":
+            # As a fulfilled request: its instance's id and addresses.
+            outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}",
+                           spot_instance_id=instance_id(index), spot_request_state="active")
+            resource_id = f"sir-{index:08x}"
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")
+        elif args.typ == "aws:s3/bucket:Bucket":
+            # As S3 names a bucket from bucket_prefix: the prefix and 26 characters.
+            outputs.setdefault("bucket", outputs.get("bucketPrefix", "") + "20260101000000000000000001")
+            outputs["arn"] = f"arn:aws:s3:::{outputs['bucket']}"
+            resource_id = outputs["bucket"]
+        elif args.typ in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile"):
+            outputs.setdefault("name", f"{args.name}-1234567")
+            kind = "role" if args.typ.endswith("Role") else "instance-profile"
+            outputs["arn"] = f"arn:aws:iam::123456789012:{kind}/{outputs['name']}"
+            resource_id = outputs["name"]
         self.outputs[args.name] = outputs
         self.ids[args.name] = resource_id
         return resource_id, outputs
@@ -209,5 +224,7 @@ class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
             "ignoreChanges": list(request.ignoreChanges),
             "replaceOnChanges": list(request.replaceOnChanges),
             "deleteBeforeReplace": request.deleteBeforeReplace,
+            "retainOnDelete": request.retainOnDelete,
+            "protect": request.protect,
         }
         return super().RegisterResource(request)

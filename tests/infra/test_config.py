@@ -36,6 +36,7 @@ def test_raw_values_are_parsed_the_way_pulumi_hands_them_over():
             "trainstack:maxHours": "",
             "trainstack:pricePerHour": "1.006",
             "trainstack:onIdle": "terminate",
+            "trainstack:spotRecovery": "false",
             "aws:region": "us-west-2",  # other namespaces are not ours to judge
         }
     )
@@ -129,7 +130,8 @@ def test_defaults_table_covers_every_field_read_from_config():
     assert set(DEFAULTS) == {
         "instanceType", "nodes", "spot", "rootVolumeGb", "ami", "sshAllowedCidrs", "allowSshFromAnywhere",
         "sshPublicKey", "idleMinutes", "maxHours", "workdir", "command", "results", "onIdle", "pricePerHour",
-        "launcher", "subnetId",
+        "launcher", "subnetId", "store", "instanceProfile", "checkpointDirs", "checkpointSyncMinutes",
+        "checkpointSignal", "checkpointGraceSeconds", "spotRecovery",
     }
 
 

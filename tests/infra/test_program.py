@@ -41,7 +41,8 @@ def run(cfg: ExperimentConfig | None = None, lookups: images.CloudLookups | None
     """Declares the experiment; resolves to its outputs once every resource is registered (the
     mocks see them in no fixed order)."""
     machines, outputs = program.declare(lookups=lookups, cfg=cfg)
-    registered = pulumi.Output.all(*[resource.urn for resource in machines.declared])
+    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
+    registered = pulumi.Output.all(*[resource.urn for resource in declared])
     return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
@@ -226,7 +227,7 @@ def test_injected_lookups_replace_every_aws_query(mocks: RecordingMocks):
     ("spot", "on_idle", "behaviour"),
     [(False, "stop", "stop"), (False, "terminate", "terminate"), (True, "stop", "terminate"), (True, "terminate", "terminate")],
 )
-def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behaviour):
+def test_spot_market_options_and_shutdown_behaviour_without_recovery(mocks, spot, on_idle, behaviour):
     @pulumi.runtime.test
     def body():
         def check(outputs: dict) -> None:
@@ -243,7 +244,7 @@ def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behavi
             else:
                 assert "instanceMarketOptions" not in instance.inputs
 
-        return run(config(spot=spot, on_idle=on_idle)).apply(check)
+        return run(config(spot=spot, on_idle=on_idle, spot_recovery=False)).apply(check)
 
     body()
 
@@ -251,9 +252,21 @@ def test_spot_market_options_and_shutdown_behaviour(mocks, spot, on_idle, behavi
 @pulumi.runtime.test
 def test_every_aws_resource_carries_the_experiment_tags(mocks: RecordingMocks):
     def check(_: dict) -> None:
-        aws_resources = [r for r in mocks.resources if r.typ.startswith("aws:")]
-        # Instances, group, rules, placement group: everything this stack pays for or opens.
-        assert {r.typ for r in aws_resources} == {INSTANCE, SECURITY_GROUP, INGRESS, EGRESS, PLACEMENT_GROUP}
+        # Settings of a bucket or role (public access block, encryption, policies, lifecycle) are
+        # not resources of their own in AWS and take no tags.
+        untaggable = {
+            "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+            "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
+            "aws:s3/bucketPolicy:BucketPolicy", "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
+            "aws:iam/rolePolicy:RolePolicy",
+        }
+        aws_resources = [r for r in mocks.resources if r.typ.startswith("aws:") and r.typ not in untaggable]
+        # Instances, group, rules, placement group, the store's bucket, the machines' role and
+        # profile: everything this stack pays for or opens.
+        assert {r.typ for r in aws_resources} == {
+            INSTANCE, SECURITY_GROUP, INGRESS, EGRESS, PLACEMENT_GROUP, "aws:s3/bucket:Bucket", "aws:iam/role:Role",
+            "aws:iam/instanceProfile:InstanceProfile",
+        }
         for resource in aws_resources:
             tags = resource.inputs.get("tags")
             assert tags, f"{resource.typ} {resource.name} has no tags"
@@ -418,8 +431,9 @@ def test_stack_config_is_read_through_pulumi_config(mocks: RecordingMocks):
     )
 
     def check(outputs: dict) -> None:
-        instances = mocks.of_type(INSTANCE)
-        assert len(instances) == 2
+        # Spot machines that recover (the default): persistent spot requests.
+        instances = mocks.of_type("aws:ec2/spotInstanceRequest:SpotInstanceRequest")
+        assert len(instances) == 2 and not mocks.of_type(INSTANCE)
         assert {i.inputs["instanceType"] for i in instances} == {"g5g.xlarge"}
         assert {i.inputs["ami"] for i in instances} == {fake_image_id(images.DEEP_LEARNING_ARM64.name_pattern)}
         assert ingress_cidrs(mocks) == ["203.0.113.0/24"]

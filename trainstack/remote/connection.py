@@ -449,9 +449,12 @@ class Connection:
         return argv
 
     def control_path(self) -> Path:
-        """The ControlMaster socket of this node, in a private directory."""
+        """The ControlMaster socket of this node, in a private directory. Its name holds the
+        node's address: OpenSSH reuses a master by path alone, so a node replaced at a new
+        address (a spot machine's replacement, read by a refresh) must not get the old one's."""
         preferred = self.target.state_dir / "cm"
-        name = f"n{self.node_index}"
+        node = self.target.node(self.node_index)
+        name = f"n{self.node_index}-" + hashlib.sha256(f"{node.host}:{node.port}".encode()).hexdigest()[:8]
         if len(str(preferred / name)) > _MAX_SOCKET_PATH:
             # A deep project path does not fit a Unix socket address: use a private temp dir.
             digest = hashlib.sha256(str(self.target.state_dir).encode()).hexdigest()[:16]
