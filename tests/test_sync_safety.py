@@ -387,3 +387,27 @@ def test_an_unknown_compression_setting_is_one_line(
         with pytest.raises(UsageError, match="TRAINSTACK_SYNC_COMPRESS='maybe' is not one of auto, yes, no"):
             sync(local_target, connection)
     assert not (remote_workdir(local_target) / "b.py").exists()
+
+
+def test_a_dry_run_names_the_transport_the_sync_takes_and_new_files_as_new(
+    local_target: Target, connection: Connection
+) -> None:
+    workdir = local_target.require_workdir()
+    for i in range(3):
+        write(workdir, f"m{i}.py", f"{i}")
+    first = sync(local_target, connection, dry_run=True)
+    assert first.transport == "tar"  # a checkout's first sync streams everything
+    assert first.summary().startswith("would sync 3 new, 0 updated, 0 deleted via tar: 3 files")
+    done = sync(local_target, connection)
+    assert done.transport == "tar"
+    assert done.summary().startswith("synced 3 new, 0 updated, 0 deleted (")
+
+    write(workdir, "m0.py", "changed")
+    write(workdir, "m9.py", "new")
+    (workdir / "m1.py").unlink()
+    planned = sync(local_target, connection, dry_run=True)
+    assert planned.transport == "tar-stream"
+    assert planned.summary().startswith("would sync 1 new, 1 updated, 1 deleted via tar-stream: 3 files")
+    done = sync(local_target, connection)
+    assert done.transport == "tar-stream" and sorted(done.changes) == sorted(planned.changes)
+    assert done.summary().startswith("synced 1 new, 1 updated, 1 deleted (")

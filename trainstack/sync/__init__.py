@@ -197,6 +197,18 @@ class _Sync:
             bookkeeping.finish()
         return result
 
+    def _dry_run_transport(self, transports: list[Transport], plan: Plan, last: Manifest | None) -> str:
+        """The transport the real sync would take for this plan."""
+        names = [t.name for t in transports]
+        if TRANSPORT_TAR in names:
+            return TRANSPORT_TAR
+        if last is None and self.mode == "auto" and not self.bwlimit_kbps and openssh_tar_available():
+            return TRANSPORT_TAR  # a first sync streams everything
+        stream = next((t for t in transports if isinstance(t, StreamPush)), None)
+        if stream is not None and plan.check and plan.base is not None and stream.fits(plan):
+            return TRANSPORT_STREAM
+        return TRANSPORT_RSYNC
+
     def _retrying(self, attempt):  # type: ignore[no-untyped-def]
         """`attempt()`, again once the node answers when the link broke during it."""
         for number in range(1, TRANSFER_ATTEMPTS + 1):
@@ -249,7 +261,7 @@ class _Sync:
                 base = learn_node()
                 full_list = True
             plan = make_plan(current, base, known_paths=known_paths, full_list=full_list)
-            result.transport = transports[-1].name
+            result.transport = self._dry_run_transport(transports, plan, last)
             result.changes = plan.listing()
             result.transferred = sum(1 for line in result.changes if not line.startswith("-"))
             result.deleted = len(plan.delete)

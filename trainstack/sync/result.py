@@ -33,15 +33,17 @@ class SyncResult:
     left: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        tree = f"{self.files:,} files ({human(self.bytes_total)}) in the tree"
         if self.noop:
-            return (
-                f"already in sync: {self.files:,} files ({human(self.bytes_total)}), nothing sent "
-                f"({self.seconds:.2f} s)"
-            )
-        verb = "would sync" if self.dry_run else "synced"
-        parts = [f"{self.transferred:,} updated", f"{self.deleted:,} deleted"]
-        sent = "" if self.dry_run else f", {human(self.bytes_sent)} sent"
+            return f"already in sync: {tree}, nothing sent ({self.seconds:.2f} s)"
+        new = sum(1 for line in self.changes if line.startswith("+"))
+        updated = sum(1 for line in self.changes if line.startswith("~"))
+        if not self.changes:  # counted without a listing
+            new, updated = 0, self.transferred
+        parts = [f"{new:,} new", f"{updated:,} updated", f"{self.deleted:,} deleted"]
+        if self.dry_run:
+            return f"would sync {', '.join(parts)} via {self.transport}: {tree}"
         return (
-            f"{verb} {self.files:,} files ({human(self.bytes_total)}): {', '.join(parts)}{sent} "
-            f"via {self.transport} in {self.seconds:.2f} s"
+            f"synced {', '.join(parts)} ({human(self.bytes_sent)} sent) via {self.transport} "
+            f"in {self.seconds:.2f} s: {tree}"
         )

@@ -53,18 +53,22 @@ class StreamPush:
         self.session = session  # the sync's open remote shell, used once if still usable
         self.answers = answers.Answers()  # what the node's end said in the last push
 
-    def push(self, plan: Plan) -> RsyncOutcome | None:
+    def fits(self, plan: Plan) -> bool:
+        """Whether the plan is a small change set against a node known to hold its base."""
         if not plan.check or plan.base is None or plan.change is None or plan.expected_digest != plan.base.digest:
-            return None
+            return False
         entries = plan.new_manifest.entries
-        send = plan.send
-        if len(send) + len(plan.delete) > STREAM_MAX_PATHS:
-            return None
-        sizes = [entries[p].size for p in send]
+        if len(plan.send) + len(plan.delete) > STREAM_MAX_PATHS:
+            return False
+        sizes = [entries[p].size for p in plan.send]
         if any(size > STREAM_MAX_FILE_BYTES for size in sizes) or sum(sizes) > STREAM_MAX_TOTAL_BYTES:
+            return False
+        return shutil.which("ssh") is not None
+
+    def push(self, plan: Plan) -> RsyncOutcome | None:
+        if not self.fits(plan):
             return None
-        if shutil.which("ssh") is None:
-            return None
+        send = plan.send
         r = self.remote
         check = plan.check_paths()
         args = [
