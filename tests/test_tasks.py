@@ -287,6 +287,32 @@ def test_host_key_mismatch(venv_bin: Path, local_sshd, project_dir: Path, tmp_pa
     assert "host key mismatch" in error and "refusing" in error
 
 
+@pytest.mark.parametrize("task", [("logs",), ("sync",), ("fetch",), ("ssh",)])
+def test_a_pinned_host_key_of_another_type_is_named(
+    venv_bin: Path, local_sshd, project_dir: Path, workdir: Path, tmp_path: Path, task: tuple[str, ...]
+) -> None:
+    """The stack pins an RSA key; the machine offers only ed25519: not the machine the stack
+    made. Every path says so in one line (ssh itself would exit 255 without a word)."""
+    key = tmp_path / "other-type"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(key)], check=True)
+    path = local.outputs_path(project_dir)
+    raw = json.loads(path.read_text())
+    raw["ssh_host_public_key"] = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    path.write_text(json.dumps(raw))
+    (workdir / "a.py").write_text("a\n")
+    proc = subprocess.run(
+        [str(venv_bin / "invoke"), "--search-root", str(REPO), *task, "-s", "local", "--workdir", str(workdir)],
+        cwd=project_dir, env=_env(TRAINSTACK_SSH_RETRY_SECONDS="1"), capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    error = _one_line_error(proc)
+    assert (
+        "offers no ssh-rsa host key (it offers ssh-ed25519)" in error  # OpenSSH's path
+        or ("presented ssh-ed25519" in error and "pins ssh-rsa" in error)  # paramiko's
+    ), error
+    assert "is the machine running" not in error
+
+
 def test_missing_workdir(venv_bin: Path, local_sshd, project_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-project"
     for task in ("sync", "train"):

@@ -262,8 +262,6 @@ def fetch(c, stack=None, workdir=None, run=None, node=None, all_nodes=False, fro
 @handle_errors
 def ssh(c, stack=None, workdir=None, node=None):
     """Open a shell on a node, in the synced workdir."""
-    import os
-
     from trainstack.remote.shell import interactive_argv
 
     target = _target(stack, workdir)
@@ -273,7 +271,17 @@ def ssh(c, stack=None, workdir=None, node=None):
     argv = interactive_argv(conn, target.remote_path("workdir"), tty=sys.stdin.isatty())
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvp(argv[0], argv)
+    import signal
+    import subprocess
+
+    # ssh has the terminal; Ctrl-C is the remote shell's, not ours.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = subprocess.call(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    if code == 255:
+        from trainstack.remote.shell import raise_ssh_failure
+
+        raise_ssh_failure(conn, "")  # ssh said nothing: tell why it could not connect
+    raise SystemExit(code)
 
 
 @task(name="ssh-config", help={**COMMON_HELP, "print_only": "print the Host entry instead of installing it"})

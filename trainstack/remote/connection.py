@@ -233,7 +233,8 @@ class Connection:
             client.close()
             raise HostKeyMismatch(
                 f"host key mismatch for {self.describe()}: it presented {exc.key.get_name()} "
-                f"{exc.key.fingerprint} but the stack pins {exc.expected_key.fingerprint}; refusing to "
+                f"{exc.key.fingerprint} but the stack pins {exc.expected_key.get_name()} "
+                f"{exc.expected_key.fingerprint}; refusing to "
                 "connect. If the machine was replaced, run `pulumi refresh` and retry; otherwise "
                 "treat it as an interception attempt"
             ) from None
@@ -245,6 +246,12 @@ class Connection:
             ) from None
         except paramiko.SSHException as exc:
             client.close()
+            if "host key" in str(exc).lower() and ("incompatible" in str(exc).lower() or "no acceptable" in str(exc).lower()):
+                from trainstack.remote.shell import key_type_mismatch
+
+                mismatch = key_type_mismatch(self)
+                if mismatch is not None:
+                    raise mismatch from None
             if key is None and "No authentication methods available" in str(exc):
                 raise AuthenticationFailed(
                     f"no SSH key to offer {self.describe()}: stack '{self.target.stack}' uses your own "

@@ -71,6 +71,8 @@ def interactive_argv(conn: "Connection", workdir: str, tty: bool) -> list[str]:
 
 
 def raise_ssh_failure(conn: "Connection", stderr: str) -> None:
+    """Raise what an OpenSSH failure (exit 255) means: a changed host key, a machine that
+    offers no key of the pinned type, else an unreachable machine."""
     from trainstack.errors import HostKeyMismatch, TargetUnreachable
 
     detail = last_line(stderr) or "ssh exited 255"
@@ -79,7 +81,35 @@ def raise_ssh_failure(conn: "Connection", stderr: str) -> None:
             f"{conn.describe()} presented a host key other than the pinned one; refusing to connect. "
             "If the machine was replaced, run `pulumi refresh` and retry"
         )
+    mismatch = key_type_mismatch(conn)
+    if mismatch is not None:
+        raise mismatch
     raise TargetUnreachable(f"cannot reach {conn.describe()} ({detail}): is the machine running? try `invoke wait`")
+
+
+def key_type_mismatch(conn: "Connection") -> "TrainstackError | None":
+    """When the machine answers but offers no host key of the type the stack pins (ssh then
+    fails without a word at our log level): the error that says so. None otherwise."""
+    from trainstack.errors import HostKeyMismatch
+
+    pinned = conn.target.outputs.ssh_host_public_key.split()[0]
+    try:
+        scan = subprocess.run(
+            ["ssh-keyscan", "-T", "5", "-p", str(conn.port), conn.host], capture_output=True, text=True, timeout=15,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    offered = sorted({
+        parts[1] for parts in (line.split() for line in scan.stdout.splitlines() if not line.startswith("#"))
+        if len(parts) >= 3
+    })
+    if not offered or pinned in offered:
+        return None
+    return HostKeyMismatch(
+        f"{conn.describe()} offers no {pinned} host key (it offers {', '.join(offered)}), the type this stack "
+        "pins: it is not the machine the stack made. If the machine was replaced, run `pulumi refresh` "
+        "(or `invoke up`) and retry; otherwise treat it as an interception attempt"
+    )
 
 
 def wait_for_node(conn: "Connection") -> None:
