@@ -93,7 +93,9 @@ def test_ls_status_and_down_on_the_local_target(local_target, project_dir: Path,
     status = invoke(project_dir, "status", "-s", "local")
     assert status.returncode == 0, status.stderr
     assert "auto-stop: off (no watchdog on this machine)" in status.stdout
-    assert "cost: $0 so far ($0/h local target × 1 machine ×" in status.stdout
+    # The local target's machine is this one: no uptime of "the machine", no cost line.
+    assert "the local target (a private sshd on this machine)" in status.stdout
+    assert "cost:" not in status.stdout and "$0/h" not in status.stdout and " · up " not in status.stdout
 
     refused = invoke(project_dir, "down", "-s", "local")
     assert refused.returncode == 1

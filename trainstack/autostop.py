@@ -181,5 +181,6 @@ def status_lines(target: Any, retry_seconds: float = 10.0) -> list[str]:
     lines = [f"auto-stop: {node.auto_stop().text}"]
     if node.watchdog_error:
         lines.append(f"auto-stop: {node.watchdog_error}")
-    lines.append(f"cost: {cost_line(target.outputs, getattr(target, 'config', {}) or {}, node.uptime_seconds)}")
+    if not getattr(target, "is_local", False):  # the local target costs nothing and bills no hours
+        lines.append(f"cost: {cost_line(target.outputs, getattr(target, 'config', {}) or {}, node.uptime_seconds)}")
     return lines

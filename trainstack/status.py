@@ -54,8 +54,10 @@ def show_status(target: Target, indexes: Iterable[int] | None = None) -> list[No
         facts = [
             f"node {status.index} {status.address}: [green]reachable[/]",
             f"bootstrap {status.bootstrap}",
-            f"up {_duration(status.uptime_seconds)}",
-            f"load {status.load or '-'}",
+            # The local target's machine is this one: its uptime and load are the laptop's own.
+            "the local target (a private sshd on this machine)" if target.is_local
+            else f"up {_duration(status.uptime_seconds)}",
+            *([] if target.is_local else [f"load {status.load or '-'}"]),
             f"disk free {_size(status.disk_free_kb)} of {_size(status.disk_total_kb)}",
         ]
         console.print(" · ".join(facts))
