@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import threading
 import time
@@ -311,6 +312,35 @@ def test_a_pinned_host_key_of_another_type_is_named(
         or ("presented ssh-ed25519" in error and "pins ssh-rsa" in error)  # paramiko's
     ), error
     assert "is the machine running" not in error
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's power to read anything")
+@pytest.mark.parametrize("unreadable, named", [
+    ("secret.py", "cannot read {workdir}/secret.py (permission denied)"),
+    ("sub", "cannot read {workdir}/sub"),
+    (".", "workdir {workdir} (--workdir) cannot be read (permission denied)"),
+])
+def test_an_unreadable_workdir_or_file_is_one_line_and_nothing_is_sent(
+    venv_bin: Path, local_sshd, project_dir: Path, workdir: Path, unreadable: str, named: str
+) -> None:
+    (workdir / "a.py").write_text("a\n")
+    (workdir / "secret.py").write_text("s\n")
+    (workdir / "sub").mkdir()
+    (workdir / "sub" / "b.py").write_text("b\n")
+    target = workdir / unreadable
+    mode = target.stat().st_mode
+    target.chmod(0)
+    try:
+        # Without root's power to read anything, as a user's sync runs.
+        proc = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--",
+             str(venv_bin / "invoke"), "--search-root", str(REPO), "sync", "-s", "local", "--workdir", str(workdir)],
+            cwd=project_dir, env=_env(), capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        target.chmod(mode)
+    assert named.format(workdir=workdir) in _one_line_error(proc)
+    assert list((local_sshd.remote_root / contract.Remote.WORKDIR).iterdir()) == []
 
 
 def test_missing_workdir(venv_bin: Path, local_sshd, project_dir: Path, tmp_path: Path) -> None:

@@ -278,6 +278,10 @@ def resolve_workdir(
     if not is_dir:
         what = "is not a directory" if exists else "does not exist"
         raise UsageError(f"workdir {_shown_path(path)} ({origin}) {what}: point it at your training project")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(
+            f"workdir {_shown_path(path)} ({origin}) cannot be read (permission denied): make it readable"
+        )
     if layout.is_private(path, project_dir):
         # Everything under .trainstack/ is local state: private keys, known_hosts, records.
         raise UsageError(

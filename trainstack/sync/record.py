@@ -5,12 +5,14 @@ hashed once for all the nodes of one command."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainstack import layout
-from trainstack.manifest import HashCache, Manifest, PendingScan, atomic_write, start_scan
+from trainstack.errors import SyncError
+from trainstack.manifest import FILE, HashCache, Manifest, PendingScan, atomic_write, start_scan
 from trainstack.selection import select_files
 
 if TYPE_CHECKING:
@@ -71,10 +73,26 @@ class LocalTree:
         with self._lock:
             if self._scanned is None:
                 workdir = target.require_workdir()
-                selection = select_files(workdir, exclude=shipped_excludes(target))
-                cache = HashCache(state.hash_cache_path, workdir)
-                self._scanned = cache, start_scan(workdir, selection.paths, cache, selection.stats)
+                try:
+                    selection = select_files(workdir, exclude=shipped_excludes(target))
+                    cache = HashCache(state.hash_cache_path, workdir)
+                    pending = start_scan(workdir, selection.paths, cache, selection.stats)
+                except PermissionError as exc:
+                    raise _unreadable(exc.filename or str(workdir)) from None
+                # Every file is read (hashed, sent) later, some in the middle of a transfer:
+                # one that cannot be is named now, before anything is sent.
+                for rel, (kind, _, _) in pending.found.items():
+                    if kind == FILE and not os.access(os.path.join(workdir, rel), os.R_OK):
+                        raise _unreadable(os.path.join(workdir, rel))
+                self._scanned = cache, pending
             return self._scanned
+
+
+def _unreadable(path: str) -> SyncError:
+    leave_out = "" if os.path.basename(path) in (".gitignore", ".trainstackignore") else (
+        ", or leave it out of the sync with .trainstackignore"
+    )
+    return SyncError(f"cannot read {path} (permission denied): make it readable{leave_out} — nothing was sent")
 
 
 class Bookkeeping:
