@@ -83,6 +83,17 @@ def empty_disk(machine: Machine) -> None:
     (root / ".trainstack-store-index.json").unlink(missing_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def leave_the_shared_machine_as_found(machine: Machine):
+    """The session's machine is shared with other system tests: what these tests write on it
+    (results, checkpoints, the store's index and endpoints) goes when each test ends."""
+    yield
+    empty_disk(machine)
+    root = machine.host.path(machine.remote_root)
+    for name in (contract.Remote.MACHINE_ENV, contract.Remote.STORE_ENV):
+        (root / name).unlink(missing_ok=True)
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
