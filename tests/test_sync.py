@@ -444,15 +444,21 @@ def _second_sshd(local_sshd: LocalTarget, local_target: Target, tmp_path: Path, 
         os.kill(int(pid_file.read_text()), 15)
 
 
-@pytest.fixture
-def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
-    """The same node through a second sshd whose sessions get a PATH without rsync."""
-    bindir = tmp_path / "node-bin"
+def path_without(tmp_path: Path, *missing: str) -> Path:
+    """A bin dir with every tool of this machine's PATH dirs but those named (and their variants)."""
+    bindir = tmp_path / f"bin-without-{'-'.join(missing)}"
     bindir.mkdir()
     for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
         for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
-            if tool.name != "rsync" and not (bindir / tool.name).exists():
+            if not tool.name.startswith(missing) and not (bindir / tool.name).exists():
                 os.symlink(tool, bindir / tool.name)
+    return bindir
+
+
+@pytest.fixture
+def node_without_rsync(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd whose sessions get a PATH without rsync."""
+    bindir = path_without(tmp_path, "rsync")
     yield from _second_sshd(local_sshd, local_target, tmp_path, "norsync", f"PATH={bindir}")
 
 

@@ -315,14 +315,9 @@ def test_a_workdir_on_a_volume_of_its_own_is_synced(local_target: Target, connec
 @pytest.fixture
 def node_without_flock(local_sshd, local_target: Target, tmp_path: Path):
     """The same node through a second sshd whose sessions get a PATH without flock."""
-    from tests.test_sync import _second_sshd
+    from tests.test_sync import _second_sshd, path_without
 
-    bindir = tmp_path / "node-bin"
-    bindir.mkdir()
-    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
-        for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
-            if tool.name != "flock" and not (bindir / tool.name).exists():
-                os.symlink(tool, bindir / tool.name)
+    bindir = path_without(tmp_path, "flock")
     yield from _second_sshd(local_sshd, local_target, tmp_path, "noflock", f"PATH={bindir}")
 
 
@@ -356,15 +351,10 @@ def test_on_a_real_network_the_tar_stream_is_compressed(
 def test_a_node_without_zstd_gets_the_stream_plain(
     local_sshd, local_target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_sync import _second_sshd
+    from tests.test_sync import _second_sshd, path_without
 
     monkeypatch.setenv("TRAINSTACK_SYNC_COMPRESS", "yes")
-    bindir = tmp_path / "node-bin"
-    bindir.mkdir()
-    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
-        for tool in Path(directory).iterdir() if Path(directory).is_dir() else ():
-            if not tool.name.startswith(("zstd", "unzstd")) and not (bindir / tool.name).exists():
-                os.symlink(tool, bindir / tool.name)
+    bindir = path_without(tmp_path, "zstd", "unzstd")
     for target in _second_sshd(local_sshd, local_target, tmp_path, "nozstd", f"PATH={bindir}"):
         write(target.require_workdir(), "a.py", "a" * 10000)
         with Connection(target) as conn:

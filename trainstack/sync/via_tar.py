@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Sequence
 
 from trainstack.errors import SyncError
 from trainstack.manifest import Manifest, PendingScan
@@ -194,10 +194,7 @@ def stream_tar_openssh(
                 sent = len(head) + (int(written.group(1)) if written else files.total_bytes)
                 try:
                     if not broken:
-                        hashing.join()
-                        tail = manifest_archive(files.manifest())
-                        ssh.stdin.write(tail)
-                        sent += len(tail)
+                        sent += _write_manifest(ssh.stdin, hashing, files)
                     ssh.stdin.close()
                 except BrokenPipeError:
                     broken = True
@@ -217,10 +214,7 @@ def stream_tar_openssh(
                             ssh.stdin.write(chunk)
                             sent += len(chunk)
                             bar.update(sent)
-                        hashing.join()
-                        tail = manifest_archive(files.manifest())
-                        ssh.stdin.write(tail)
-                        sent += len(tail)
+                        sent += _write_manifest(ssh.stdin, hashing, files)
                         ssh.stdin.close()
                     except BrokenPipeError:
                         broken = True
@@ -244,6 +238,15 @@ def stream_tar_openssh(
     if tar_code not in (0, 1):  # 1: a file changed while it was read; the next sync settles it
         raise SyncError(f"tar could not read the workdir (exit {tar_code}): {last_line(tar_stderr)}")
     return sent, found
+
+
+def _write_manifest(sink: "IO[bytes]", hashing: threading.Thread, files: "Files") -> int:
+    """The manifest, as the stream's last archive, once the hashes computed meanwhile are done:
+    its arrival tells the node the stream is whole. The bytes written."""
+    hashing.join()
+    tail = manifest_archive(files.manifest())
+    sink.write(tail)
+    return len(tail)
 
 
 class _Compressor:
