@@ -68,6 +68,31 @@ def new_image_requested() -> bool:
     return os.environ.get(contract.NEW_IMAGE_ENV) == "1"
 
 
+def requested_machine_state() -> str | None:
+    """`invoke start` / `invoke stop --machine` (TRAINSTACK_MACHINE_STATE): the power state this
+    update puts the machines in; None: keep the one a refresh finds."""
+    value = os.environ.get(contract.MACHINE_STATE_ENV)
+    if value is None:
+        return None
+    if value not in contract.MACHINE_STATES:
+        raise pulumi.RunError(
+            f"{contract.MACHINE_STATE_ENV}={value!r} is not a machine state: use "
+            f"{' or '.join(contract.MACHINE_STATES)}, or leave it unset"
+        )
+    return value
+
+
+def check_machine_state_request(cfg: ExperimentConfig) -> str | None:
+    """The requested power state, refused where EC2 cannot follow it."""
+    requested = requested_machine_state()
+    if requested == "stopped" and cfg.spot and not cfg.recovers_spot:
+        raise pulumi.RunError(
+            "a one-time spot machine cannot be stopped, only destroyed (invoke down): "
+            "set trainstack:spotRecovery: true for spot machines that can be stopped and started"
+        )
+    return requested
+
+
 def instance_ignore_changes(cfg: ExperimentConfig, site: Site, *, new_image: bool) -> list[str]:
     """Inputs whose later difference must not replace a machine (and delete its disk):
 
@@ -126,6 +151,7 @@ class ExperimentMachines(pulumi.ComponentResource):
         placement_group = self._declare_placement()
         image_id = cfg.ami or lookups.image_id(images.image_spec_for(site.hardware), pulumi.InvokeOptions(parent=self))
         self.instances = self._declare_instances(image_id, authorized_key, host_key, placement_group)
+        self._declare_power_state(requested_machine_state())
         self._declare_outputs()
 
     def _declare_keys(self) -> tuple[pulumi.Output[str], tls.PrivateKey]:
@@ -285,6 +311,23 @@ class ExperimentMachines(pulumi.ComponentResource):
                 )
             )
         return request
+
+    def _declare_power_state(self, requested: str | None) -> None:
+        """Running or stopped, per machine (aws.ec2transitgateway.InstanceState: the provider's
+        StartInstances/StopInstances). Only a request (`invoke start`, `invoke stop --machine`)
+        changes it: otherwise `state` is ignored, so after the idle watchdog powered a machine
+        off, a refresh reads `stopped` and the update keeps it stopped. A one-time spot
+        instance cannot be stopped by EC2 at all: it gets none."""
+        if self._cfg.spot and not self._cfg.recovers_spot:
+            return
+        opts = pulumi.ResourceOptions(ignore_changes=[] if requested else ["state"])
+        for rank, machine in enumerate(self.instances):
+            self._own(
+                aws.ec2transitgateway.InstanceState(
+                    f"{self._name}-{rank}-power", instance_id=_instance_id(machine), state=requested or "running",
+                    opts=pulumi.ResourceOptions.merge(pulumi.ResourceOptions(parent=machine), opts),
+                )
+            )
 
     def _declare_outputs(self) -> None:
         self.nodes = pulumi.Output.all(

@@ -10,7 +10,7 @@ import pulumi
 from . import preflight
 from .config import ExperimentConfig
 from .images import AwsLookups, CloudLookups
-from .machine import ExperimentMachines, experiment_tags
+from .machine import ExperimentMachines, check_machine_state_request, experiment_tags
 from .store import ArtifactStore
 from trainstack import contract
 from trainstack.contract import Outputs
@@ -68,6 +68,7 @@ def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = 
     """
     cfg = cfg if cfg is not None else ExperimentConfig.load()
     lookups = lookups if lookups is not None else AwsLookups()
+    check_machine_state_request(cfg)
     site = preflight.check(cfg, lookups)
     experiment = pulumi.get_stack()
     store = declare_store(cfg, experiment, lookups)

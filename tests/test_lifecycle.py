@@ -4,6 +4,7 @@ Pulumi through a recorder and check the machine (the local target, over real SSH
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -128,11 +129,15 @@ class RecordingEngine:
     def __init__(self, outputs: Mapping[str, Any] | None = None) -> None:
         self.outputs = dict(outputs or {})
         self.calls: list[tuple[str, str]] = []
+        #: Outputs of the next ups, in order (then `outputs` again).
+        self.queued: list[Mapping[str, Any]] = []
 
-    def up(self, stack: str, project_dir: Path, on_output, *, new_image: bool = False) -> Mapping[str, Any]:
-        self.calls.append(("up --new-image" if new_image else "up", stack))
+    def up(self, stack: str, project_dir: Path, on_output, *, new_image: bool = False,
+           machine_state: str | None = None) -> Mapping[str, Any]:
+        call = "up --new-image" if new_image else "up"
+        self.calls.append((f"{call} --machine-state {machine_state}" if machine_state else call, stack))
         on_output("Resources: 7 created")
-        return self.outputs
+        return self.queued.pop(0) if self.queued else self.outputs
 
     def destroy(self, stack: str, project_dir: Path, on_output) -> None:
         self.calls.append(("destroy", stack))
@@ -379,3 +384,115 @@ def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatc
     assert seen["up"]["refresh"] is True and seen["env"] is None
     lifecycle.AutomationEngine().up("exp1", tmp_path, print, new_image=True)
     assert seen["env"] == {contract.NEW_IMAGE_ENV: "1"}
+
+
+# --- start / stop the machines -------------------------------------------------------------------
+
+
+def with_hosts(outputs: Mapping[str, Any], host: str) -> dict[str, Any]:
+    changed = json.loads(json.dumps(outputs))
+    for node in changed[contract.Outputs.NODES]:
+        node[contract.NodeKeys.HOST] = host
+    return changed
+
+
+def test_start_asks_for_running_then_rereads_the_new_address(exp1: RecordingEngine, project_dir: Path) -> None:
+    """The update that starts a stopped machine still holds the address the refresh before it
+    read (none): a second refreshed up reads the one AWS gave the started machine."""
+    started = exp1.outputs
+    exp1.queued = [with_hosts(started, ""), started]
+    said: list[str] = []
+    outputs = lifecycle.power_experiment("exp1", project_dir, exp1, said.append, "running")
+    assert exp1.calls == [("up --machine-state running", "exp1"), ("up", "exp1")]
+    assert outputs.head.host == started[contract.Outputs.NODES][0][contract.NodeKeys.HOST] != ""
+    cached = read_outputs_cache(stack_state_dir(project_dir, "exp1"), "exp1")
+    assert cached is not None and cached.head == outputs.head
+    assert said[0] == "starting the machine of stack 'exp1' (billed again from now: $1.006/h)"
+
+
+def test_stop_machine_refuses_while_a_run_is_active(exp1: RecordingEngine, project_dir: Path) -> None:
+    run_id = start_sleeping_run(project_dir, "exp1")
+    try:
+        with pytest.raises(lifecycle.StopRefused, match=(
+            rf"^run {run_id} is still running on stack 'exp1': wait for it \(`invoke logs --follow`\), stop it "
+            r"\(`invoke stop`\), or pass --force to stop the machines anyway$")):
+            lifecycle.power_experiment("exp1", project_dir, exp1, lambda _: None, "stopped")
+        assert exp1.calls == []
+    finally:
+        stop_runs(project_dir, "exp1")
+
+
+def test_stop_machine_keeps_the_stack_and_caches_the_stopped_outputs(exp1: RecordingEngine, project_dir: Path) -> None:
+    exp1.queued = [with_hosts(exp1.outputs, "")]
+    outputs = lifecycle.power_experiment("exp1", project_dir, exp1, lambda _: None, "stopped")
+    assert exp1.calls == [("up --machine-state stopped", "exp1")]  # no destroy
+    assert outputs.head.host == ""
+    # The other tasks then say what to do instead of trying to reach no address.
+    from trainstack.errors import TargetUnreachable
+    from trainstack.remote.connection import Connection
+
+    target = resolve_target("exp1", project_dir=project_dir)
+    with pytest.raises(TargetUnreachable, match=(
+            r"^node 0 of stack 'exp1' has no address in the stack's outputs \(a stopped machine has none\): "
+            r"start it with `invoke start -s exp1`$")):
+        with Connection(target) as conn:
+            conn.run(["true"])
+
+
+def test_stop_machine_when_the_machine_cannot_be_checked_needs_force(exp1: RecordingEngine, project_dir: Path,
+                                                                     local_sshd: LocalTarget) -> None:
+    local_sshd.stop_sshd()
+    with pytest.raises(lifecycle.StopRefused, match=r"^cannot check stack 'exp1' for an active run .*pass --force"):
+        lifecycle.power_experiment("exp1", project_dir, exp1, lambda _: None, "stopped", connect_timeout=2)
+    assert exp1.calls == []
+    lifecycle.power_experiment("exp1", project_dir, exp1, lambda _: None, "stopped", force=True)
+    assert exp1.calls == [("up --machine-state stopped", "exp1")]
+
+
+@pytest.mark.parametrize("state", ["running", "stopped"])
+def test_start_and_stop_refuse_what_cannot_be_done_in_one_line(project_dir: Path, state: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pulumi CLI of a stack never up: `pulumi stack output --json` prints {}.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pulumi").write_text("#!/bin/sh\necho '{}'\n")
+    (bin_dir / "pulumi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    engine = RecordingEngine()
+    with pytest.raises(UsageError, match=r"^the local target is this machine's own sshd: it has no machine to "
+                                         r"start or stop \(invoke local\.down ends it\)$"):
+        lifecycle.power_experiment("local", project_dir, engine, print, state)
+    with pytest.raises(UsageError, match=r"^no Pulumi\.exp9\.yaml in .*: create the experiment with `invoke new exp9`$"):
+        lifecycle.power_experiment("exp9", project_dir, engine, print, state)
+    write_stack_file(project_dir)
+    with pytest.raises(UsageError, match=r"^stack 'exp1' has no machines yet: create them with `invoke up -s exp1`$"):
+        lifecycle.power_experiment("exp1", project_dir, engine, print, state)
+    write_stack_file(project_dir, name="spot1", extra="  trainstack:spot: true\n  trainstack:spotRecovery: false\n")
+    with pytest.raises(UsageError, match=r"^stack 'spot1' runs one-time spot machines, which EC2 cannot stop or "
+                                         r"start: `invoke up -s spot1` replaces one AWS took back; set "
+                                         r"trainstack:spotRecovery: true for machines that can be stopped$"):
+        lifecycle.power_experiment("spot1", project_dir, engine, print, state)
+    with pytest.raises(UsageError, match=r"^'paused' is not a machine state: use running or stopped$"):
+        lifecycle.power_experiment("exp1", project_dir, engine, print, "paused")
+    assert engine.calls == []
+
+
+def test_automation_engine_passes_the_requested_machine_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from pulumi import automation as auto
+
+    seen: dict[str, Any] = {}
+
+    class Handle:
+        def up(self, **kwargs: Any) -> Any:
+            seen["up"] = kwargs
+            return type("Result", (), {"outputs": {}})()
+
+    def create_or_select_stack(*, stack_name: str, work_dir: str, opts: Any) -> Handle:
+        seen["env"] = opts.env_vars if opts is not None else None
+        return Handle()
+
+    monkeypatch.setattr(lifecycle.shutil, "which", lambda name: "/usr/bin/pulumi")
+    monkeypatch.setattr(auto, "create_or_select_stack", create_or_select_stack)
+    lifecycle.AutomationEngine().up("exp1", tmp_path, print, machine_state="running")
+    assert seen["up"]["refresh"] is True
+    assert seen["env"] == {contract.MACHINE_STATE_ENV: "running"}

@@ -145,3 +145,27 @@ def test_down_fetch_brings_results_back_then_destroys(local_target, project_dir:
     assert done.returncode == 0, done.stderr
     assert (project_dir / "runs" / "local" / run.run_id / "results" / "accuracy.txt").read_text() == "0.97\n"
     assert not local_sshd.is_up()
+
+
+def test_start_and_stop_machine_are_tasks_and_stop_still_means_a_run(project_dir: Path) -> None:
+    """`invoke stop` stops a run, as it always did; `--machine` powers the machines off instead.
+    Their refusals are one line, and nothing reaches Pulumi."""
+    listed = invoke(project_dir, "--list")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith("  ")]
+    assert "start" in names and "stop" in names
+    helped = invoke(project_dir, "--help", "stop")
+    assert "--machine" in helped.stdout and "run id" in helped.stdout
+
+    for args in (("start", "-s", "local"), ("stop", "--machine", "-s", "local")):
+        proc = invoke(project_dir, *args)
+        assert proc.returncode == 2
+        assert one_line_error(proc) == ("error: the local target is this machine's own sshd: it has no machine to "
+                                        "start or stop (invoke local.down ends it)")
+    mixed = invoke(project_dir, "stop", "--machine", "--run", "r1", "-s", "exp1")
+    assert mixed.returncode == 2
+    assert one_line_error(mixed) == ("error: --machine powers the machines off; --run, --grace and --node "
+                                     "choose a run to stop: use one or the other")
+    forced = invoke(project_dir, "stop", "--force", "-s", "exp1")
+    assert forced.returncode == 2
+    assert one_line_error(forced) == "error: --force goes with --machine (stop the machines even while a run is active)"

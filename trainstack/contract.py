@@ -32,6 +32,10 @@ MAX_NODES = 64
 #: Set to 1 by `invoke up --new-image` for the Pulumi program: move the machines to the newest
 #: image instead of the one pinned at first up (which replaces them).
 NEW_IMAGE_ENV = "TRAINSTACK_NEW_IMAGE"
+#: Set by `invoke start` (running) and `invoke stop --machine` (stopped) for one `pulumi up`:
+#: the power state to put the machines in. Unset, an up keeps the state a refresh finds.
+MACHINE_STATE_ENV = "TRAINSTACK_MACHINE_STATE"
+MACHINE_STATES = ("running", "stopped")
 
 
 class Outputs:

@@ -55,6 +55,10 @@ class DestroyRefused(TrainstackError):
     """`down` would lose an active run or results that were never fetched."""
 
 
+class StopRefused(TrainstackError):
+    """`stop --machine` would power off a machine while a run is active on it."""
+
+
 # --- new ------------------------------------------------------------------------------------
 
 
@@ -200,9 +204,11 @@ def render_stack_file(name: str, spec: ExperimentSpec, cidr: str) -> str:
 class Engine(Protocol):
     """Creates and destroys a stack's resources (the Pulumi program in the project)."""
 
-    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False) -> Mapping[str, Any]:
+    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False,
+           machine_state: str | None = None) -> Mapping[str, Any]:
         """Refreshes, then updates; returns the stack outputs, secrets in clear. `new_image`:
-        move the machines to the newest image (replacing them) instead of the pinned one."""
+        move the machines to the newest image (replacing them) instead of the pinned one.
+        `machine_state`: start ("running") or stop ("stopped") them; None keeps their state."""
 
     def destroy(self, stack: str, project_dir: Path, on_output: Notify) -> None: ...
 
@@ -226,11 +232,14 @@ class AutomationEngine:
         except auto.errors.CommandError as exc:
             raise PulumiCliError(f"cannot open stack '{stack}': {_last_line(str(exc))}") from None
 
-    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False) -> Mapping[str, Any]:
+    def up(self, stack: str, project_dir: Path, on_output: Notify, *, new_image: bool = False,
+           machine_state: str | None = None) -> Mapping[str, Any]:
         from pulumi import automation as auto
 
-        env = {contract.NEW_IMAGE_ENV: "1"} if new_image else None
-        handle = self._stack(stack, project_dir, create=True, env=env)
+        env = {contract.NEW_IMAGE_ENV: "1"} if new_image else {}
+        if machine_state:
+            env[contract.MACHINE_STATE_ENV] = machine_state
+        handle = self._stack(stack, project_dir, create=True, env=env or None)
         try:
             # Refreshed first: a node AWS terminated (spot, onIdle: terminate) is declared again,
             # and a machine started since has its new public address in the outputs.
@@ -285,6 +294,89 @@ def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify,
     outputs = parse_outputs(stack, dict(raw), "pulumi up")
     write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
     return outputs
+
+
+# --- start / stop the machines ------------------------------------------------------------
+
+
+def power_experiment(
+    stack: str,
+    project_dir: Path,
+    engine: Engine,
+    notify: Notify,
+    state: str,
+    *,
+    force: bool = False,
+    connect_timeout: float = 10.0,
+) -> StackOutputs:
+    """Starts ("running") or stops ("stopped") the stack's machines, keeping the stack, its disks
+    and its key; then caches the outputs read after it (a started machine has a new address).
+
+    The same refreshed `pulumi up` as `invoke up`, with the state requested: only then does the
+    program change a machine's power state. A stop first checks, on each machine, that no run
+    is active (`force` skips it)."""
+    if state not in contract.MACHINE_STATES:
+        raise UsageError(f"{state!r} is not a machine state: use {' or '.join(contract.MACHINE_STATES)}")
+    if stack == contract.LOCAL_STACK:
+        raise UsageError("the local target is this machine's own sshd: it has no machine to start or stop "
+                         "(invoke local.down ends it)")
+    path = stack_config_path(stack, project_dir)
+    if not path.is_file():
+        raise UsageError(f"no {path.name} in {project_dir}: create the experiment with `invoke new {stack}`")
+    _refuse_one_time_spot(stack, read_stack_config(stack, project_dir))
+    try:
+        target = resolve_target(stack, project_dir=project_dir)
+    except OutputsMissing:
+        raise UsageError(f"stack '{stack}' has no machines yet: create them with `invoke up -s {stack}`") from None
+    machines = "the machine" if target.node_count == 1 else f"the {target.node_count} machines"
+    if state == "stopped":
+        if not force:
+            _refuse_stop_while_busy(target, stack, connect_timeout)
+        notify(f"stopping {machines} of stack '{stack}' (the disks are kept, and billed; "
+               f"`invoke start -s {stack}` starts them again)")
+        raw = engine.up(stack, project_dir, notify, machine_state=state)
+    else:
+        price = target.outputs.price_per_hour
+        billed = f": ${price * target.node_count:.3f}/h" if price else ""
+        notify(f"starting {machines} of stack '{stack}' (billed again from now{billed})")
+        engine.up(stack, project_dir, notify, machine_state=state)
+        # That update started the machines but still holds the addresses the refresh before it
+        # read (none, while stopped): a second refreshed up reads the ones AWS gave them.
+        raw = engine.up(stack, project_dir, notify)
+    outputs = parse_outputs(stack, dict(raw), "pulumi up")
+    write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
+    return outputs
+
+
+def _refuse_one_time_spot(stack: str, config: Mapping[str, Any]) -> None:
+    def flag(key: str, default: bool) -> bool:
+        value = config.get(f"{contract.CONFIG_NAMESPACE}:{key}", default)
+        return str(value).strip().lower() == "true"
+
+    if flag("spot", False) and not flag("spotRecovery", True):
+        raise UsageError(
+            f"stack '{stack}' runs one-time spot machines, which EC2 cannot stop or start: `invoke up -s {stack}` "
+            f"replaces one AWS took back; set {contract.CONFIG_NAMESPACE}:spotRecovery: true for machines "
+            "that can be stopped"
+        )
+
+
+def _refuse_stop_while_busy(target: Target, stack: str, connect_timeout: float) -> None:
+    from trainstack.remote.connection import Connection
+
+    anyway = "pass --force to stop the machines anyway"
+    try:
+        for index in range(target.node_count):
+            with Connection(target.for_node(index), index, retry_seconds=0, connect_timeout=connect_timeout) as conn:
+                where = "" if target.node_count == 1 else f" (node {index})"
+                _refuse_active_runs(conn, stack, where, refusal=StopRefused, anyway=anyway)
+    except StopRefused:
+        raise
+    except TrainstackError as exc:
+        raise StopRefused(
+            f"cannot check stack '{stack}' for an active run ({' '.join(str(exc).split())}): "
+            f"check with `invoke status`, or {anyway}"
+        ) from None
 
 
 # --- down -----------------------------------------------------------------------------------
@@ -377,15 +469,16 @@ def _check_nodes(target: Target, stack: str, check: "UnfetchedCheck", connect_ti
     return missing
 
 
-def _refuse_active_runs(conn: Any, stack: str, where: str = "") -> None:
+def _refuse_active_runs(conn: Any, stack: str, where: str = "", *, refusal: type[TrainstackError] = DestroyRefused,
+                        anyway: str = "pass --force to destroy the machines anyway") -> None:
     from trainstack.autostop import snapshot
 
     node = snapshot(conn)
     if node.active_runs:
         runs = ", ".join(node.active_runs)
-        raise DestroyRefused(
+        raise refusal(
             f"run {runs} is still running on stack '{stack}'{where}: wait for it (`invoke logs --follow`), "
-            f"stop it (`invoke stop`), or pass --force to destroy the machines anyway"
+            f"stop it (`invoke stop`), or {anyway}"
         )
 
 

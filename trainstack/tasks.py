@@ -210,13 +210,25 @@ def logs(c, stack=None, workdir=None, run=None, follow=True, tail=None, node=Non
         "run": "run id (default: the active run)",
         "grace": "seconds between SIGTERM and SIGKILL (default 10)",
         "node": "stop it on this node (rank) only (default: on every node)",
+        "machine": "power the experiment's machines off instead (kept with their disks; `invoke start` starts them)",
+        "force": "with --machine: even while a run is active",
     }
 )
 @handle_errors
-def stop(c, stack=None, workdir=None, run=None, grace=None, node=None):
-    """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period."""
+def stop(c, stack=None, workdir=None, run=None, grace=None, node=None, machine=False, force=False):
+    """Stop a run on every node: SIGTERM to its process group, SIGKILL after the grace period.
+    With --machine, stop the machines themselves (not while a run is active)."""
     from trainstack.cluster import stop_and_report
+    from trainstack.errors import UsageError
 
+    if machine:
+        if run is not None or grace is not None or node is not None:
+            raise UsageError("--machine powers the machines off; --run, --grace and --node choose a run to stop: "
+                             "use one or the other")
+        _power(stack, "stopped", force=bool(force))
+        return
+    if force:
+        raise UsageError("--force goes with --machine (stop the machines even while a run is active)")
     seconds = _bounded_option("grace", grace, "seconds", 0, MAX_GRACE_SECONDS)
     target, rank = _target_and_node(stack, workdir, node)
     stop_and_report(target, rank, run, grace=float(10 if seconds is None else seconds), notify=note, succeed=success)
@@ -380,6 +392,39 @@ def up(c, stack=None, wait=True, timeout=None, new_image=False):
 @task(
     help={
         "stack": STACK_HELP,
+        "wait": "wait until the machines are ready (default)",
+        "timeout": "seconds to wait for the machines (default 900)",
+    }
+)
+@handle_errors
+def start(c, stack=None, wait=True, timeout=None):
+    """Start the experiment's stopped machines (after an idle stop or `invoke stop --machine`) and
+    read their new addresses."""
+    seconds = _wait_seconds(timeout)
+    name = _power(stack, "running")
+    if wait:
+        from trainstack.wait import wait_ready
+
+        wait_ready(_target(name, None), seconds, notify=note)
+    success(f"stack '{name}' is running")
+
+
+def _power(stack: str | None, state: str, force: bool = False) -> str:
+    """`invoke start` and `invoke stop --machine`: the stack's machines put in `state`."""
+    from trainstack.lifecycle import AutomationEngine, power_experiment
+    from trainstack.stack import resolve_stack_name
+
+    project = _project_dir()
+    name = resolve_stack_name(stack, project)
+    power_experiment(name, project, AutomationEngine(), note, state, force=force)
+    if state == "stopped":
+        success(f"the machines of stack '{name}' are stopped; `invoke start -s {name}` starts them again")
+    return name
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
         "force": "destroy even while a run is active or results were not fetched",
         "fetch": "fetch the results first, then destroy",
     }
@@ -455,7 +500,7 @@ local = Collection("local")
 local.add_task(local_up)
 local.add_task(local_down)
 
-ns = Collection(init, wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, new, up, down, ls)
+ns = Collection(init, wait, sync, train, logs, stop, status, fetch, ssh, ssh_config, new, up, start, down, ls)
 ns.add_collection(local)
 
 #: The `trainstack` command: the same tasks with no tasks.py (pyproject.toml's [project.scripts]).

@@ -259,6 +259,8 @@ def test_every_aws_resource_carries_the_experiment_tags(mocks: RecordingMocks):
             "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
             "aws:s3/bucketPolicy:BucketPolicy", "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
             "aws:iam/rolePolicy:RolePolicy",
+            # A machine's power state (invoke start / stop --machine) is a setting of the instance.
+            "aws:ec2transitgateway/instanceState:InstanceState",
         }
         aws_resources = [r for r in mocks.resources if r.typ.startswith("aws:") and r.typ not in untaggable]
         # Instances, group, rules, placement group, the store's bucket, the machines' role and

@@ -141,6 +141,11 @@ class Connection:
         return self._client
 
     def _connect_with_retries(self) -> "paramiko.SSHClient":
+        if not self.host:
+            raise TargetUnreachable(
+                f"node {self.node_index} of stack '{self.target.stack}' has no address in the stack's outputs "
+                f"(a stopped machine has none): start it with `invoke start -s {self.target.stack}`"
+            )
         import paramiko
         from tenacity import (
             RetryError,
