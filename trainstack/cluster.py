@@ -334,6 +334,7 @@ def train(
     from trainstack.remote import answers, scripts
 
     venv = contract.Remote.VENV
+    base_packages = deps.base_packages()  # a bad TRAINSTACK_BASE_PACKAGES before anything changes
 
     def preflight(node_target: "Target", conn: Connection) -> tuple[int, str | None]:
         """One round trip: the first boot's outcome (and GPUs), the node's runs, its tools'
@@ -400,6 +401,8 @@ def train(
         if sync is not None and built_from is not None and (wanted or "") == built_from:
             installs[rank] = "skipped" if wanted is not None else "none"
         else:
+            if built_from is None:  # the node's first venv: built on a base with the common ML libraries
+                deps.prepare_base(conn, base_packages, notify)
             installs[rank] = deps.install_dependencies(conn)
         resumed = store.prepare_node(conn, node_target, rank, resume=resume)
         return start_run(conn, commands[rank], {**variables, **layout.env(rank), **resumed}, force=force, run_id=run_id)

@@ -129,7 +129,8 @@ class Remote:
     RUN_STOPPED_BY = "stopped_by"
     RUN_STOP_REQUESTED = "stop_requested"
     #: Optional: the Python whose packages the venv sees (default: the image's PyTorch
-    #: environment /opt/pytorch when present, else python3). The local target writes it.
+    #: environment /opt/pytorch when present, else python3). The local target writes it, and
+    #: BASE_ENV_TOOL on a plain image (naming BASE_ENV's Python).
     BASE_PYTHON = "base-python"
 
     RUNNER = "bin/trainstack-run"
@@ -144,6 +145,9 @@ class Remote:
     STORE_ENV = "store.env"
     MACHINE_ENV = "machine.env"
     RUN_INTERRUPTED = "interrupted"  # written in a run's dir by the watcher on a spot notice
+    # Gives a plain image's Python the common ML libraries, in BASE_ENV, before the first venv.
+    BASE_ENV_TOOL = "bin/trainstack-base-env"
+    BASE_ENV = "base"
 
 
 class RunnerExit:

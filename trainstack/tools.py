@@ -2,8 +2,9 @@
 
 First boot installs only what the machine needs before any run (the job runner, the watchdog):
 EC2 caps user-data at 16 KiB. The rest, `bootstrap/tools/` (rank 0's coordinator of multi-node
-runs, the torchrun wrapper, the lister of the image's packages), is compared by content hash
-and copied when missing or different — so a machine also gets newer versions of them.
+runs, the torchrun wrapper, the lister of the image's packages, the builder of a plain image's
+base with the common ML libraries), is compared by content hash and copied when missing or
+different — so a machine also gets newer versions of them.
 """
 
 from __future__ import annotations
