@@ -315,16 +315,19 @@ class ExperimentMachines(pulumi.ComponentResource):
     def _declare_power_state(self, requested: str | None) -> None:
         """Running or stopped, per machine (aws.ec2transitgateway.InstanceState: the provider's
         StartInstances/StopInstances). Only a request (`invoke start`, `invoke stop --machine`)
-        changes it: otherwise `state` is ignored, so after the idle watchdog powered a machine
-        off, a refresh reads `stopped` and the update keeps it stopped. A one-time spot
-        instance cannot be stopped by EC2 at all: it gets none."""
+        changes it. Otherwise the state declared is the one the refresh read from the machine,
+        and `state` is ignored on updates besides: after the idle watchdog powered a machine
+        off, neither the update nor a power-state resource created now (for an experiment made
+        before they existed) starts it. A one-time spot instance cannot be stopped by EC2 at all:
+        it gets none."""
         if self._cfg.spot and not self._cfg.recovers_spot:
             return
         opts = pulumi.ResourceOptions(ignore_changes=[] if requested else ["state"])
         for rank, machine in enumerate(self.instances):
+            state = requested or machine.instance_state.apply(_power_state)  # type: ignore[attr-defined]
             self._own(
                 aws.ec2transitgateway.InstanceState(
-                    f"{self._name}-{rank}-power", instance_id=_instance_id(machine), state=requested or "running",
+                    f"{self._name}-{rank}-power", instance_id=_instance_id(machine), state=state,
                     opts=pulumi.ResourceOptions.merge(pulumi.ResourceOptions(parent=machine), opts),
                 )
             )
@@ -347,6 +350,12 @@ class ExperimentMachines(pulumi.ComponentResource):
     def _own(self, resource: R) -> R:
         self.declared.append(resource)
         return resource
+
+
+def _power_state(read: str | None) -> str:
+    """The power state to keep for a machine in EC2's `read` state: stopped while it is stopped or
+    stopping; running otherwise (pending, running, or a new machine not read yet)."""
+    return "stopped" if read in ("stopped", "stopping") else "running"
 
 
 def _instance_id(machine: pulumi.Resource) -> pulumi.Output[str]:

@@ -98,6 +98,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
     default_vpc: str | None = DEFAULT_VPC
     #: Subnets besides the default ones: id -> (vpc, zone, public ip on launch).
     subnets: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
+    #: The state the provider reads for every machine ("stopped": a refresh after the idle
+    #: watchdog's power-off).
+    instance_state: str = "running"
 
     def reset(self) -> None:
         self.resources.clear()
@@ -110,6 +113,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.offerings = {}
         self.default_vpc = DEFAULT_VPC
         self.subnets = {}
+        self.instance_state = "running"
 
     def tokens(self) -> list[str]:
         return [c.token for c in self.calls]
@@ -133,12 +137,15 @@ class RecordingMocks(pulumi.runtime.Mocks):
             private, public = _ed25519_openssh_pair()
             outputs.update(private_key_openssh=private, public_key_openssh=public)
         elif args.typ == "aws:ec2/instance:Instance":
-            outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}")
+            stopped = self.instance_state == "stopped"
+            outputs.update(public_ip="" if stopped else f"198.51.100.{index}", private_ip=f"10.0.0.{index}",
+                           instance_state=self.instance_state)
             resource_id = instance_id(index)
         elif args.typ == "aws:ec2/spotInstanceRequest:SpotInstanceRequest":
             # As a fulfilled request: its instance's id and addresses.
             outputs.update(public_ip=f"198.51.100.{index}", private_ip=f"10.0.0.{index}",
-                           spot_instance_id=instance_id(index), spot_request_state="active")
+                           spot_instance_id=instance_id(index), spot_request_state="active",
+                           instance_state=self.instance_state)
             resource_id = f"sir-{index:08x}"
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")

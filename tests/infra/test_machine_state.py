@@ -50,6 +50,27 @@ def test_without_a_request_the_state_a_refresh_reads_is_kept(mocks: RecordingMoc
     return run(config(nodes=2, instance_type="c6i.large")).apply(check)
 
 
+@pytest.mark.parametrize("read", ["stopped", "stopping"])
+def test_a_machine_the_watchdog_stopped_stays_stopped_without_a_request(mocks: RecordingMocks, monkeypatch, read: str):
+    """The refresh of `invoke up` reads the machine as the watchdog left it: the declared state
+    is what was read, so neither an update nor a power-state resource created now (an experiment
+    from before it existed) starts it; its output has no address, which `invoke start` fixes."""
+    monkeypatch.delenv(contract.MACHINE_STATE_ENV, raising=False)
+    mocks.instance_state = read
+
+    @pulumi.runtime.test
+    def body():
+        def check(outputs: dict) -> None:
+            (state,) = mocks.of_type(INSTANCE_STATE)
+            assert state.inputs["state"] == "stopped"
+            if read == "stopped":  # a stopped machine has released its public address
+                assert outputs[contract.Outputs.NODES][0]["host"] == ""
+
+        return run(config()).apply(check)
+
+    body()
+
+
 @pytest.mark.parametrize("requested", ["running", "stopped"])
 def test_a_requested_state_is_declared_and_acted_on(mocks: RecordingMocks, monkeypatch, requested: str):
     monkeypatch.setenv(contract.MACHINE_STATE_ENV, requested)
