@@ -100,3 +100,21 @@ def test_ls_table_renders_brackets_verbatim(project_dir: Path) -> None:
                                                    auto_stop="connection refused [errno 111]")], console)
     text = console.export_text()
     assert "exp[1]" in text and "[errno 111]" in text and "auto-stop in" in text
+
+
+def test_ls_shows_a_stopped_experiment_without_probing_it(project_dir: Path) -> None:
+    """After `invoke stop --machine` (or an up that read the machine stopped) the outputs hold no
+    address: shown as stopped, with the task that starts it, and no connection tried."""
+    add_stack(project_dir, "exp1", instance_type="t3.micro")
+    cache_outputs(project_dir, "exp1", {
+        "nodes": [{"host": "", "private_ip": "10.0.0.5", "instance_id": "i-0123456789abcdef0"}],
+        "ssh_user": "ubuntu", "ssh_private_key": "", "ssh_host_public_key": "ssh-ed25519 AAAA",
+        "remote_root": "/home/ubuntu/trainstack", "instance_type": "t3.micro",
+    })
+
+    def never(target) -> NodeSnapshot:
+        raise AssertionError(f"{target.stack} has no address, yet it was probed")
+
+    rows = {row.stack: row for row in experiments.list_experiments(project_dir, probe=never)}
+    assert rows["exp1"] == experiments.ExperimentRow("exp1", "stopped", "t3.micro × 1", run="-",
+                                                     auto_stop="invoke start -s exp1")

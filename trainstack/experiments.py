@@ -74,6 +74,9 @@ def _row(stack: str, project_dir: Path, probe: Probe) -> ExperimentRow:
     machines = "local" if target.is_local else f"{outputs.instance_type or '?'} × {nodes}"
     if outputs.spot:
         machines += " spot"
+    if not target.is_local and not any(node.host for node in outputs.nodes):
+        # The last up, start or stop read the machines without an address: they were stopped.
+        return ExperimentRow(stack, "stopped", machines, run="-", auto_stop=f"invoke start -s {stack}")
     try:
         node = probe(target)
     except TrainstackError as exc:
