@@ -68,6 +68,13 @@ def test_numpy_and_pandas_import_without_a_requirements_entry(host_pool: HostPoo
     timings["with, second run"], again = first_train(experiment)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "preinstalled" not in again.stderr
+    # Listing them later downloads nothing again: the venv keeps using the base's copies.
+    (experiment.workdir / "requirements.txt").write_text("numpy\npandas\n")
+    listed_later = experiment.invoke("train", "--follow", timeout=600)
+    assert listed_later.returncode == 0, listed_later.stderr[-3000:]
+    assert json.loads(machine.host.read_text(f"{root}/workdir/results/versions.json"))["numpy_file"].startswith(
+        f"{root}/base/")
+    assert not list(machine.host.path(f"{root}/{contract.Remote.VENV}").glob("lib/python3*/site-packages/numpy"))
 
     # Without (TRAINSTACK_BASE_PACKAGES empty): the plain image's Python has neither ...
     bare = booted(host_pool, "mlbare")
