@@ -437,6 +437,9 @@ def test_stop_machine_keeps_the_stack_and_caches_the_stopped_outputs(exp1: Recor
             r"start it with `invoke start -s exp1`$")):
         with Connection(target) as conn:
             conn.run(["true"])
+    # Stopping it again needs no --force: a machine read as stopped runs nothing to check.
+    lifecycle.power_experiment("exp1", project_dir, exp1, lambda _: None, "stopped")
+    assert exp1.calls == [("up --machine-state stopped", "exp1")] * 2
 
 
 def test_stop_machine_when_the_machine_cannot_be_checked_needs_force(exp1: RecordingEngine, project_dir: Path,

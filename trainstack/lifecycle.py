@@ -367,6 +367,8 @@ def _refuse_stop_while_busy(target: Target, stack: str, connect_timeout: float) 
     anyway = "pass --force to stop the machines anyway"
     try:
         for index in range(target.node_count):
+            if not target.node(index).host:
+                continue  # stopped when last read: nothing runs there
             with Connection(target.for_node(index), index, retry_seconds=0, connect_timeout=connect_timeout) as conn:
                 where = "" if target.node_count == 1 else f" (node {index})"
                 _refuse_active_runs(conn, stack, where, refusal=StopRefused, anyway=anyway)
