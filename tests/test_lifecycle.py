@@ -499,3 +499,13 @@ def test_automation_engine_passes_the_requested_machine_state(monkeypatch: pytes
     lifecycle.AutomationEngine().up("exp1", tmp_path, print, machine_state="running")
     assert seen["up"]["refresh"] is True
     assert seen["env"] == {contract.MACHINE_STATE_ENV: "running"}
+
+
+def test_up_of_a_stopped_experiment_says_how_to_start_it(project_dir: Path, local_sshd: LocalTarget) -> None:
+    """`invoke up` keeps a stopped machine stopped (its refresh read it so): it says what starts it."""
+    write_stack_file(project_dir)
+    engine = RecordingEngine(with_hosts(aws_like_outputs(local_sshd), ""))
+    said: list[str] = []
+    lifecycle.up_experiment("exp1", project_dir, engine, said.append)
+    assert said[-1] == ("the machine of stack 'exp1' is stopped (no address in the outputs): "
+                         "`invoke start -s exp1` starts it")

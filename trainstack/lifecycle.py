@@ -293,6 +293,12 @@ def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify,
     raw = engine.up(stack, project_dir, notify, new_image=new_image)
     outputs = parse_outputs(stack, dict(raw), "pulumi up")
     write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
+    if not any(node.host for node in outputs.nodes):
+        # The refresh read them stopped (an idle stop, `stop --machine`), and up keeps them so.
+        one = len(outputs.nodes) == 1
+        machines = "the machine" if one else f"the {len(outputs.nodes)} machines"
+        notify(f"{machines} of stack '{stack}' {'is' if one else 'are'} stopped (no address in the outputs): "
+               f"`invoke start -s {stack}` starts {'it' if one else 'them'}")
     return outputs
 
 
