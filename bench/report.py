@@ -70,6 +70,8 @@ def target_rows(outcome: Outcome) -> list[list[str]]:
             measured = f"{target.measured:.2f}×"
         elif target.unit == "s":
             measured = f"{target.measured:+.3f} s" if "add" in target.text else f"{target.measured:.3f} s"
+        elif target.unit == "%":
+            measured = f"{target.measured:.1f}%"
         else:
             measured = f"{target.measured:g}{target.unit}"
         result.append([target.text, measured, "yes" if target.holds else "**no**"])
