@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from trainstack.remote import answers, scripts, shell
 from trainstack.remote.rsync import RsyncOutcome
@@ -19,6 +19,8 @@ from trainstack.sync.plan import Plan, nul_list, owned_records
 from trainstack.sync.result import TRANSPORT_STREAM
 
 if TYPE_CHECKING:
+    import tarfile
+
     from trainstack.remote.connection import Connection
     from trainstack.remote.session import NodeSession
 
@@ -119,10 +121,7 @@ class StreamPush:
         blocks: list[bytes] = []
 
         def add(info: "tarfile.TarInfo", data: bytes = b"") -> None:
-            # By hand rather than through TarFile: no padding of the archive to 10 KiB records.
-            blocks.append(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-            if data:
-                blocks.append(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+            blocks.append(_member_blocks(info, data))
 
         for rel in plan.send:
             entry = current.entries[rel]
@@ -152,17 +151,37 @@ class StreamPush:
         # The manifest patch, last: its presence proves the whole archive arrived.
         removed, added = change.lines_removed, change.lines_added
         patch = b"".join([current.header_line(), b"%d\n" % len(removed), *removed, *added])
-        controls = [
+        blocks.append(control_members([
             ("owned", owned), ("delete", nul_list(plan.delete)), ("rmdir", nul_list(plan.rmdirs())),
             ("patch", patch),
-        ]
-        for name, data in controls:
-            if not data:
-                continue  # the node takes a missing list for an empty one
-            info = tarfile.TarInfo(f"{CONTROL_DIR}/{name}")
-            info.size = len(data)
-            info.mode = 0o600
-            info.mtime = int(time.time())
-            add(info, data)
-        blocks.append(b"\0" * (2 * tarfile.BLOCKSIZE))
+        ]))
+        blocks.append(END_OF_ARCHIVE)
         return b"".join(blocks)
+
+
+#: tar's end of an archive: two zero blocks.
+END_OF_ARCHIVE = b"\0" * 1024
+
+
+def control_members(lists: "Iterable[tuple[str, bytes]]") -> bytes:
+    """Tar members under `.trainstack/` holding what sync-apply.sh reads beside the files
+    (the lists, the manifest or its patch), without an end of archive. An empty list is
+    left out: the node takes a missing one for empty."""
+    import tarfile
+
+    blocks = []
+    for name, data in lists:
+        if data:
+            info = tarfile.TarInfo(f"{CONTROL_DIR}/{name}")
+            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+            blocks.append(_member_blocks(info, data))
+    return b"".join(blocks)
+
+
+def _member_blocks(info: "tarfile.TarInfo", data: bytes = b"") -> bytes:
+    """One member's header and data, by hand rather than through TarFile: no padding of the
+    archive to 10 KiB records."""
+    import tarfile
+
+    padding = b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + (data + padding if data else b"")

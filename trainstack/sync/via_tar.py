@@ -25,7 +25,7 @@ from trainstack.remote.rsync import wants_compression
 from trainstack.sync.node import LOCK_WAIT_SECONDS, RemoteLayout, ZstdMissing, node_outcome
 from trainstack.sync.plan import Plan, kib_needed, nul_list, owned_records
 from trainstack.sync.result import TRANSPORT_TAR
-from trainstack.sync.via_stream import CONTROL_DIR
+from trainstack.sync.via_stream import END_OF_ARCHIVE, control_members
 from trainstack.transfer import Progress
 
 if TYPE_CHECKING:
@@ -112,36 +112,16 @@ def first_sync(
 
 
 def control_archive(check: Sequence[str], owned: bytes, delete: Sequence[str], rmdirs: Sequence[str]) -> bytes:
-    """A tar archive of the lists sync-apply.sh reads from `.trainstack/` (no end blocks:
-    the files' archive follows)."""
-    import tarfile
-
-    blocks: list[bytes] = []
-    for name, data in (
+    """The lists sync-apply.sh reads from `.trainstack/`, ahead of the files' archive."""
+    return control_members([
         ("check", nul_list("./" + p for p in check)), ("owned", owned), ("delete", nul_list(delete)),
         ("rmdir", nul_list(rmdirs)),
-    ):
-        info = tarfile.TarInfo(f"{CONTROL_DIR}/{name}")
-        info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
-        blocks.append(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        blocks.append(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-    return b"".join(blocks)
+    ])
 
 
 def manifest_archive(manifest: Manifest) -> bytes:
-    """A tar archive holding only the manifest, as `_TAR_MANIFEST_MEMBER`."""
-    import io
-    import tarfile
-
-    data = manifest.dumps()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        info = tarfile.TarInfo(f"{CONTROL_DIR}/manifest")
-        info.size = len(data)
-        info.mode = 0o600
-        info.mtime = int(time.time())
-        archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    """The manifest as `.trainstack/manifest`, the stream's last archive."""
+    return control_members([("manifest", manifest.dumps())]) + END_OF_ARCHIVE
 
 
 def tar_outcome(conn: "Connection", code: int, stderr: str) -> answers.Answers:
