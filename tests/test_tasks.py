@@ -343,6 +343,26 @@ def test_an_unreadable_workdir_or_file_is_one_line_and_nothing_is_sent(
     assert list((local_sshd.remote_root / contract.Remote.WORKDIR).iterdir()) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's power to read anything")
+def test_a_file_made_unreadable_after_a_sync_is_named_at_the_next(
+    venv_bin: Path, local_sshd, project_dir: Path, workdir: Path
+) -> None:
+    (workdir / "a.py").write_text("a\n")
+    (workdir / "secret.py").write_text("s\n")
+    argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--",
+            str(venv_bin / "invoke"), "--search-root", str(REPO), "sync", "-s", "local", "--workdir", str(workdir)]
+    first = subprocess.run(argv, cwd=project_dir, env=_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    (workdir / "a.py").write_text("a2\n")
+    (workdir / "secret.py").chmod(0)
+    try:
+        proc = subprocess.run(argv, cwd=project_dir, env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        (workdir / "secret.py").chmod(0o644)
+    assert f"cannot read {workdir}/secret.py (permission denied)" in _one_line_error(proc)
+    assert (local_sshd.remote_root / contract.Remote.WORKDIR / "a.py").read_text() == "a\n"
+
+
 def test_missing_workdir(venv_bin: Path, local_sshd, project_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-project"
     for task in ("sync", "train"):

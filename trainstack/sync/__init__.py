@@ -34,7 +34,9 @@ from trainstack.sync.node import (
     ManifestChanged, RemoteLayout, RsyncMissing, read_node_manifests, read_remote_header, report, sync_id,
 )
 from trainstack.sync.plan import Plan, make_plan
-from trainstack.sync.record import STATE_SUBDIR, Bookkeeping, LocalRecord, LocalTree, shipped_excludes
+from trainstack.sync.record import (
+    STATE_SUBDIR, Bookkeeping, LocalRecord, LocalTree, shipped_excludes, refuse_unreadable, unreadable_error,
+)
 from trainstack.sync.result import (
     TRANSPORT_NONE, TRANSPORT_RSYNC, TRANSPORT_STREAM, TRANSPORT_TAR, SyncResult,
 )
@@ -139,6 +141,8 @@ class _Sync:
         ):
             # A first sync moves everything: one tar stream beats rsync's per-file exchange,
             # and the content hashes are computed while it flows.
+            # The stream reads every file while it flows: one that cannot be read is named first.
+            refuse_unreadable(self.workdir, pending)
             first = Bookkeeping(cache, self.record, pending)
             kept_id = sync_id()
             try:
@@ -166,7 +170,10 @@ class _Sync:
             result.noop = True
             return result
 
-        current = pending.finish()
+        try:
+            current = pending.finish()  # reads the files whose content may have changed
+        except PermissionError as exc:
+            raise unreadable_error(exc.filename or str(self.workdir)) from None
         bookkeeping = Bookkeeping(cache, self.record, pending)
         # Only an unchanged tree needs the node's answer here; a change waits for it in StreamPush.
         if session is not None and last_digest == current.digest and session.digest() == last_digest:
@@ -274,9 +281,7 @@ class _Sync:
             try:
                 outcome = None
                 for transport in transports:
-                    if transport.name == TRANSPORT_STREAM and (not check or full_list or base is None):
-                        continue  # a small change set against a node known to hold `base` only
-                    outcome = transport.push(plan)
+                    outcome = transport.push(plan)  # None: not this transport's (StreamPush.fits)
                     if outcome is not None:
                         result.transport = transport.name
                         report(result, transport.answers, self.remote, kept_id)

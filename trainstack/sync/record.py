@@ -78,17 +78,20 @@ class LocalTree:
                     cache = HashCache(state.hash_cache_path, workdir)
                     pending = start_scan(workdir, selection.paths, cache, selection.stats)
                 except PermissionError as exc:
-                    raise _unreadable(exc.filename or str(workdir)) from None
-                # Every file is read (hashed, sent) later, some in the middle of a transfer:
-                # one that cannot be is named now, before anything is sent.
-                for rel, (kind, _, _) in pending.found.items():
-                    if kind == FILE and not os.access(os.path.join(workdir, rel), os.R_OK):
-                        raise _unreadable(os.path.join(workdir, rel))
+                    raise unreadable_error(exc.filename or str(workdir)) from None
                 self._scanned = cache, pending
             return self._scanned
 
 
-def _unreadable(path: str) -> SyncError:
+def refuse_unreadable(workdir: Path, pending: PendingScan) -> None:
+    """Raise for the first shipped file this process cannot read (a check over the whole tree:
+    for a sync that reads every file, before it sends any)."""
+    for rel, (kind, _, _) in pending.found.items():
+        if kind == FILE and not os.access(os.path.join(workdir, rel), os.R_OK):
+            raise unreadable_error(os.path.join(workdir, rel))
+
+
+def unreadable_error(path: str) -> SyncError:
     leave_out = "" if os.path.basename(path) in (".gitignore", ".trainstackignore") else (
         ", or leave it out of the sync with .trainstackignore"
     )
