@@ -413,14 +413,18 @@ def test_tar_is_used_when_rsync_is_not_installed_here(
     assert snapshot(remote_workdir(local_target)) == expected_remote(local_target)
 
 
-def _second_sshd(local_sshd: LocalTarget, local_target: Target, tmp_path: Path, name: str, setenv: str):
-    """The same node through a second sshd whose sessions get the extra `setenv` (NAME=value)."""
+def _second_sshd(
+    local_sshd: LocalTarget, local_target: Target, tmp_path: Path, name: str, setenv: str, without: str = "",
+):
+    """The same node through a second sshd whose sessions get the extra `setenv` (NAME=value);
+    `without`: the config lines starting with it are left out."""
     import dataclasses
 
     from trainstack.local import find_sshd, free_port
 
     port = free_port()
     lines = local_sshd.sshd_config(0).read_text().splitlines()
+    lines = [line for line in lines if not (without and line.startswith(without))]
     # sshd takes the first SetEnv line only: ours joins it when there is one.
     if not any(line.startswith("SetEnv ") for line in lines):
         lines.append("SetEnv")
@@ -885,3 +889,23 @@ def test_stream_refuses_when_the_node_holds_another_manifest(
     assert result.transport == "rsync"
     assert snapshot(remote) == expected_remote(local_target)
     assert sync(local_target, connection).noop
+
+
+@pytest.fixture
+def node_without_sftp(local_sshd: LocalTarget, local_target: Target, tmp_path: Path):
+    """The same node through a second sshd that offers no SFTP subsystem."""
+    yield from _second_sshd(local_sshd, local_target, tmp_path, "nosftp", "LANG=C.UTF-8", without="Subsystem")
+
+
+def test_a_node_without_sftp_is_read_through_its_shell(node_without_sftp: Target) -> None:
+    target = node_without_sftp
+    write(target.require_workdir(), "a.py", "a")
+    with Connection(target) as conn:
+        sync(target, conn)
+        manifest = Path(target.outputs.remote_root) / contract.Remote.SYNC_MANIFEST
+        assert read_remote_header(conn, RemoteLayout.of(target)) == Manifest.read(manifest).digest
+        assert sync(target, conn).noop
+        from trainstack.remote.sftp import read_remote_head
+
+        assert read_remote_head(conn, str(manifest), 10) == manifest.read_bytes()[:10]
+        assert read_remote_head(conn, str(manifest) + ".missing") is None

@@ -4,11 +4,10 @@ user's shell start-up files cost nothing (a sync's no-op check reads the manifes
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 from typing import IO, TYPE_CHECKING
 
-from trainstack.remote.shell import REMOTE_TIMEOUT, raise_ssh_failure, remote_shell
+from trainstack.remote.shell import REMOTE_TIMEOUT, raise_ssh_failure, run
 
 if TYPE_CHECKING:
     from trainstack.remote.connection import Connection
@@ -27,14 +26,15 @@ def read_remote_head(conn: "Connection", path: str, limit: int = 4096) -> bytes 
     """Up to `limit` bytes from the start of the node's file `path`; None when it does not exist.
 
     Read over the SFTP subsystem through the ControlMaster: no remote shell starts, so
-    the user's shell start-up files cost nothing. Falls back to `head -c` in a shell
+    the user's shell start-up files cost nothing. Falls back to bootstrap/node/file-head.sh
     when the node offers no SFTP.
     """
     try:
         return _sftp_read_head(conn, path, limit)
     except _SftpFailed:
-        q = shlex.quote
-        code, out, _ = remote_shell(conn, f"if [ -f {q(path)} ]; then head -c {int(limit)} {q(path)}; else exit 3; fi")
+        from trainstack.remote import scripts
+
+        code, out, _ = run(conn, scripts.command("file-head.sh", [path, str(int(limit))]))
         return out if code == 0 else None
 
 
@@ -102,7 +102,9 @@ def _sftp_read_head(conn: "Connection", path: str, limit: int) -> bytes | None:
 
 
 def _is_subsystem_refusal(stderr: str) -> bool:
-    return "subsystem request failed" in stderr or "sftp" in stderr.lower()
+    # At our log level ssh says nothing when the server refuses the subsystem (it does name
+    # a connection it could not make): the shell fallback then tells which it was.
+    return not stderr.strip() or "subsystem request failed" in stderr or "sftp" in stderr.lower()
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:

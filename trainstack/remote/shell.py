@@ -8,7 +8,6 @@ a later task pays no SSH handshake. The only code besides `connection` that star
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from typing import IO, TYPE_CHECKING, Any
 
@@ -46,14 +45,6 @@ def run(
     return proc.returncode, proc.stdout, stderr
 
 
-def remote_shell(
-    conn: "Connection", script: str, *, stdin: bytes | None = None, error: type[TrainstackError] = TrainstackError
-) -> tuple[int, bytes, str]:
-    """`run` for a POSIX shell snippet: `sh -c` makes it mean the same whatever the
-    user's login shell is."""
-    return run(conn, f"sh -c {shlex.quote(script)}", stdin=stdin, error=error)
-
-
 def popen(
     conn: "Connection", command: str, *, stdin: int | IO[Any] | None = subprocess.PIPE,
     stdout: int | IO[Any] | None = subprocess.DEVNULL, stderr: int | IO[Any] | None = subprocess.PIPE,
@@ -66,7 +57,9 @@ def popen(
 
 def interactive_argv(conn: "Connection", workdir: str, tty: bool) -> list[str]:
     """ssh for the user's terminal (`invoke ssh`): their login shell, in `workdir` when it exists."""
-    command = f"cd {shlex.quote(workdir)} 2>/dev/null; exec \"${{SHELL:-bash}}\" -l"
+    from trainstack.remote import scripts
+
+    command = scripts.command("login-shell.sh", [workdir])
     return [*conn.ssh_argv(), *(["-t"] if tty else []), conn.destination, command]
 
 
