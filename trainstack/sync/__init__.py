@@ -135,10 +135,7 @@ class _Sync:
             )
         use_tar = self.mode == TRANSPORT_TAR or (self.mode == "auto" and not local_rsync)
         node_changed = False
-        if (
-            last_digest is None and self.mode == "auto" and not use_tar and not self.dry_run
-            and not self.bwlimit_kbps and openssh_tar_available()
-        ):
+        if self._streams_everything(last_digest is None) and not use_tar and not self.dry_run:
             # A first sync moves everything: one tar stream beats rsync's per-file exchange,
             # and the content hashes are computed while it flows.
             # The stream reads every file while it flows: one that cannot be read is named first.
@@ -204,13 +201,18 @@ class _Sync:
             bookkeeping.finish()
         return result
 
+    def _streams_everything(self, no_record: bool) -> bool:
+        """Whether this checkout's first sync to the node (no record of an earlier one) goes as
+        one tar stream of everything: rsync's per-file exchange only costs when all is new."""
+        return no_record and self.mode == "auto" and not self.bwlimit_kbps and openssh_tar_available()
+
     def _dry_run_transport(self, transports: list[Transport], plan: Plan, last: Manifest | None) -> str:
         """The transport the real sync would take for this plan."""
         names = [t.name for t in transports]
         if TRANSPORT_TAR in names:
             return TRANSPORT_TAR
-        if last is None and self.mode == "auto" and not self.bwlimit_kbps and openssh_tar_available():
-            return TRANSPORT_TAR  # a first sync streams everything
+        if self._streams_everything(last is None):
+            return TRANSPORT_TAR
         stream = next((t for t in transports if isinstance(t, StreamPush)), None)
         if stream is not None and plan.check and plan.base is not None and stream.fits(plan):
             return TRANSPORT_STREAM
