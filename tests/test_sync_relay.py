@@ -30,7 +30,7 @@ PAYLOAD = 4 << 20
 
 def invoke(project_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSTACK_")}
-    clean.update(NO_COLOR="1", TRAINSTACK_SSH_RETRY_SECONDS="20", **env)
+    clean.update({"NO_COLOR": "1", "TRAINSTACK_SSH_RETRY_SECONDS": "20", **env})
     return subprocess.run(
         [str(Path(sys.executable).with_name("invoke")), "--search-root", str(REPO), *args],
         cwd=project_dir, env=clean, capture_output=True, text=True, timeout=180,
@@ -178,3 +178,32 @@ def test_relay_off_ships_every_node_from_the_laptop(
     assert all(proxy.count().up > PAYLOAD for proxy in proxies)
     for index in range(NODES):
         assert _tree(_workdir(target, index)) == _tree(workdir), f"node {index}"
+
+
+def test_a_dry_run_on_several_nodes_changes_nothing_on_any(
+    nodes: tuple[LocalTarget, list[CountingProxy]], project_dir: Path, workdir: Path,
+) -> None:
+    target, _ = nodes
+    done = invoke(project_dir, "sync", "-s", "local", "--workdir", str(workdir), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split("]")[0] for line in done.stderr.splitlines() if "would sync" in line) == [
+        "[node 0", "[node 1", "[node 2"
+    ], done.stderr
+    for index in range(NODES):
+        assert not _workdir(target, index).exists() or _tree(_workdir(target, index)) == {}
+        assert not (target.node_root(index) / contract.Remote.SYNC_MANIFEST).exists()
+
+
+def test_a_node_that_cannot_be_reached_fails_the_sync_in_one_line_and_the_others_are_synced(
+    nodes: tuple[LocalTarget, list[CountingProxy]], project_dir: Path, workdir: Path,
+) -> None:
+    target, proxies = nodes
+    proxies[2].close()  # node 2 no longer answers
+    done = invoke(project_dir, "sync", "-s", "local", "--workdir", str(workdir), TRAINSTACK_SSH_RETRY_SECONDS="1")
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "node 2" in last and "nodes 0, 1 synced" in last, done.stderr
+    assert "Traceback" not in done.stderr
+    for index in (0, 1):
+        assert _tree(_workdir(target, index)) == _tree(workdir), f"node {index}"
+    assert not _workdir(target, 2).exists() or _tree(_workdir(target, 2)) == {}
