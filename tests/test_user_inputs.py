@@ -4,6 +4,7 @@ nothing written in the project (no stack file, no state)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,12 +21,20 @@ def _env() -> dict[str, str]:
 
 
 def _snapshot(project: Path) -> dict[str, tuple[int, int]]:
+    """Every file and empty dir of the project, but the local target's sshd logs: the sshd
+    writes those itself, whenever it gets to it (the line about the fixture's readiness probe
+    may come late on a busy machine). What they must not gain is a login: `_logins`."""
     return {str(p.relative_to(project)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(project.rglob("*")) if not p.is_dir() or not any(p.iterdir())}
+            for p in sorted(project.rglob("*"))
+            if (not p.is_dir() or not any(p.iterdir())) and not re.fullmatch(r"sshd\.\d+\.log", p.name)}
+
+
+def _logins(project: Path) -> int:
+    return sum(p.read_text(errors="replace").count("Accepted publickey") for p in project.rglob("sshd.*.log"))
 
 
 def _refused(venv_bin: Path, project: Path, *args: str) -> str:
-    before = _snapshot(project)
+    before, logins = _snapshot(project), _logins(project)
     proc = subprocess.run([str(venv_bin / "invoke"), "--search-root", str(REPO), *args],
                           cwd=project, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0, proc.stderr
@@ -33,6 +42,7 @@ def _refused(venv_bin: Path, project: Path, *args: str) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert _snapshot(project) == before
+    assert _logins(project) == logins, "a refused command connected to the machine"
     return lines[0]
 
 
