@@ -433,8 +433,13 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExperimentConfi
 
 
 def _set_keys(cfg: ExperimentConfig, fields: Mapping[str, str]) -> list[str]:
-    """The keys of `fields` whose setting differs from its default."""
-    return [key for key, name in fields.items() if getattr(cfg, name) != _FIELD_DEFAULTS[name]]
+    """The keys of `fields` whose setting differs from its default (the Pulumi CLI passes every
+    default as a value: checkpointDirs then arrives as the schema's list, not as None)."""
+    schema_defaults = {"checkpoint_dirs": tuple(DEFAULTS[CHECKPOINT_DIRS])}
+    return [
+        key for key, name in fields.items()
+        if getattr(cfg, name) not in (_FIELD_DEFAULTS[name], schema_defaults.get(name, _FIELD_DEFAULTS[name]))
+    ]
 
 
 def _validate_cloud(cfg: ExperimentConfig) -> None:
