@@ -4,6 +4,7 @@ pod's main process, exactly as RunPod runs it, its SSH address told by a fake Ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from trainstack import contract
 from trainstack.layout import ENDPOINTS_CACHE, stack_state_dir
 
 from .hosts import CLOUD_INIT_ENV, HostPool
-from .machine import Experiment, Machine, MachineKeys, bootstrap_inputs, invoke_task
+from .machine import Experiment, Machine, MachineKeys, invoke_task
 from .project import EXPECTED_LOG, digests, write_training_project
 
 pytestmark = pytest.mark.system
@@ -29,6 +30,28 @@ POD_ID = "tspod7x2k9m4q1"
 CONTAINER_ENV = {**CLOUD_INIT_ENV, "HOME": "/root"}
 #: Seconds the fake API says the pod is still being placed, before it shows its SSH port.
 PLACING_SECONDS = 4.0
+#: A RunPod experiment's stack file, as Pulumi hands it to the program.
+RUNPOD_CONFIG = {
+    "trainstack:cloud": "runpod",
+    "trainstack:gpuTypeIds": ["NVIDIA RTX A5000"],
+    "trainstack:idleMinutes": 30,
+    "trainstack:maxHours": 4,
+}
+
+
+def pod_bootstrap_inputs(keys: MachineKeys) -> Any:
+    """The first boot's inputs as the RunPod program builds them for its pod (root, the volume's
+    remote root), except the GPU check: the test hosts have no GPU."""
+    from infra import runpod
+    from infra.config import ExperimentConfig
+
+    inputs = runpod.bootstrap_inputs(
+        ExperimentConfig.from_raw(RUNPOD_CONFIG),
+        authorized_public_key=keys.client.public_key_openssh,
+        host_private_key_openssh=keys.host.private_key_openssh,
+        host_public_key=keys.host.public_key_openssh,
+    )
+    return dataclasses.replace(inputs, gpu=False)
 
 
 @dataclass
@@ -49,8 +72,8 @@ def test_a_pod_started_by_its_start_command_runs_the_whole_workflow(host_pool: H
 
     host = host_pool.create("pod")
     keys = MachineKeys.generate()
-    inputs = bootstrap_inputs(keys)
-    start = pod_start.render(inputs)
+    inputs = pod_bootstrap_inputs(keys)
+    start = pod_start.render(inputs, on_idle="stop")
     # The pod's network: inside a container sshd listens on every address and RunPod maps a public
     # port to its 22. Hosts share this machine's network, so the pod's sshd listens on the host's
     # own 127.0.0.N only; that address is what the fake API says port 22 is mapped to.
