@@ -25,7 +25,7 @@ from trainstack.errors import (
     TrainstackError,
     UsageError,
 )
-from trainstack.layout import OUTPUTS_CACHE, stack_state_dir
+from trainstack.layout import ENDPOINTS_CACHE, OUTPUTS_CACHE, stack_state_dir
 from trainstack.stack import (
     Target,
     parse_outputs,
@@ -445,7 +445,8 @@ def down_experiment(
         local.down(project_dir)
     else:
         engine.destroy(stack, project_dir, notify)
-    (stack_state_dir(project_dir, stack) / OUTPUTS_CACHE).unlink(missing_ok=True)
+    for cached in (OUTPUTS_CACHE, ENDPOINTS_CACHE):
+        (stack_state_dir(project_dir, stack) / cached).unlink(missing_ok=True)
     return DownReport(destroyed=True, fetched=fetched, checked=target is not None and not force)
 
 
