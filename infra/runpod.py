@@ -110,7 +110,8 @@ class ExperimentPod(pulumi.ComponentResource):
         self.remote_root = REMOTE_ROOT
         authorized_key, host_key = self._declare_keys()
         self.pod = self._declare_pod(experiment, authorized_key, host_key, now or datetime.now(timezone.utc))
-        self.pod_id: pulumi.Output[str] = self.pod.pod.apply(_pod_id)
+        # The pod's record is secret (it holds the pod's API key); its id is not.
+        self.pod_id: pulumi.Output[str] = pulumi.Output.unsecret(self.pod.pod.apply(_pod_id))
         self.nodes = self.pod_id.apply(
             lambda pod_id: [contract.Node(host="", instance_id=pod_id, endpoint=ENDPOINT).to_output()]
         )

@@ -158,6 +158,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
             # As the provider: its state of the pod under `pod` (RunPod's record), the Pulumi
             # name as the resource id.
             outputs["pod"] = {"id": POD_ID, "desiredStatus": "RUNNING", "apiKey": "rp-pod-key", "costPerHr": 0.69}
+            # Secret, as the engine makes an output the program listed in additionalSecretOutputs.
+            outputs["pod"] = {pulumi.runtime.rpc._special_sig_key: pulumi.runtime.rpc._special_secret_sig,
+                              "value": outputs["pod"]}
             resource_id = args.name
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")

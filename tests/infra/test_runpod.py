@@ -187,15 +187,15 @@ def test_without_a_configured_price_the_output_is_null(mocks: RecordingMocks):
 
 
 @pulumi.runtime.test
-def test_secret_outputs_stay_secret(mocks: RecordingMocks):
+def test_the_private_key_output_is_secret_and_the_nodes_are_not(mocks: RecordingMocks):
     pod, outputs = runpod.declare(config(), now=NOW)
 
     def check(secret: list[bool]) -> None:
-        assert secret == [True]
+        assert secret == [True, False]
 
-    return pulumi.Output.all(pod.pod.urn, outputs[contract.Outputs.SSH_PRIVATE_KEY].is_secret()).apply(
-        lambda both: check([both[1]])
-    )
+    return pulumi.Output.all(
+        pod.pod.urn, outputs[contract.Outputs.SSH_PRIVATE_KEY].is_secret(), outputs[contract.Outputs.NODES].is_secret()
+    ).apply(lambda all_: check(list(all_[1:])))
 
 
 @pulumi.runtime.test

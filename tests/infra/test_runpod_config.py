@@ -113,3 +113,16 @@ def test_the_cli_passing_every_default_is_not_taken_for_settings_of_the_other_cl
     assert ExperimentConfig.load().cloud == "runpod"
     pulumi.runtime.set_all_config({**every_default, "trainstack:sshAllowedCidrs": '["198.51.100.7/32"]'})
     assert ExperimentConfig.load().cloud == "aws"
+
+
+def test_the_example_stack_file_is_a_valid_runpod_experiment():
+    import yaml
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    values = yaml.safe_load((repo / "examples" / "Pulumi.runpod-example.yaml").read_text())["config"]
+    declared = yaml.safe_load((repo / "Pulumi.yaml").read_text())["config"]
+    assert set(values) <= set(declared)
+    cfg = ExperimentConfig.from_raw({k: v if isinstance(v, (str, list)) else json.dumps(v) for k, v in values.items()})
+    assert cfg.cloud == "runpod" and cfg.gpu_type_ids == ("NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000")
+    assert (cfg.idle_minutes, cfg.max_hours, cfg.workdir) == (30, 8.0, "examples")
