@@ -28,8 +28,11 @@ demo: system-deps-demo $(STAMP)
 test: system-deps-test $(STAMP)
 	$(BIN)/python -m pytest
 
+# make bench LINK=home|office|loopback: every client reaches the nodes through that emulated path.
+LINK ?= loopback
 bench: system-deps-demo $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --link $(LINK) $(BENCH_ARGS)
+	$(BIN)/python -m bench.multinode --link $(LINK) $(MULTINODE_ARGS)
 
 lint: system-deps-test $(STAMP)
 	shellcheck bootstrap/*.sh bootstrap/*.tmpl scripts/*.sh .ci/run

@@ -45,18 +45,35 @@ PROFILES = {
 }
 
 
+class Wire:
+    """One direction of a link as a resource: the connections that share it (the laptop's
+    uplink, to every node at once) take turns on it at its rate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the link finishes sending what is queued
+
+    def reserve(self, size: int, rate: float | None) -> float:
+        """When the last byte of `size` bytes, queued now, has left the link."""
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + (size * 8 / rate if rate else 0.0)
+            return self._free_at
+
+
 class Shaper:
     """One direction of one connection: `put` from the reading thread, `get` from the
-    writing thread, which sleeps until each chunk's release time."""
+    writing thread, which sleeps until each chunk's release time. `wire`: that direction's
+    link when other connections share it (default: this connection's own)."""
 
-    def __init__(self, link: Link, upward: bool) -> None:
+    def __init__(self, link: Link, upward: bool, wire: Wire | None = None) -> None:
         self.delay = link.rtt / 2
         self.rate = link.rate(upward)
         capacity = (self.rate or 1e9) / 8 * max(link.rtt, 0.01) * 2
         self.capacity = max(int(capacity), 256 * 1024)
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._queued = 0
-        self._free_at = 0.0  # when the link finishes sending what is queued
+        self._wire = wire or Wire()
         self._cond = threading.Condition()
         self._closed = False
 
@@ -64,11 +81,9 @@ class Shaper:
         with self._cond:
             while self._queued >= self.capacity and not self._closed:
                 self._cond.wait()
-            now = time.monotonic()
-            start = max(now, self._free_at)
-            self._free_at = start + (len(chunk) * 8 / self.rate if self.rate else 0.0)
-            # The last byte leaves the link at _free_at and arrives half a round trip later.
-            self._queue.append((self._free_at + self.delay, chunk))
+            # The last byte leaves the link at `sent` and arrives half a round trip later.
+            sent = self._wire.reserve(len(chunk), self.rate)
+            self._queue.append((sent + self.delay, chunk))
             self._queued += len(chunk)
             self._cond.notify_all()
 

@@ -23,7 +23,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from bench.link import PROFILES, Link, Shaper
+from bench.link import PROFILES, Link, Shaper, Wire
 
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -47,9 +47,13 @@ class CountingProxy:
 
     def __init__(
         self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1", link: Link = PROFILES["loopback"],
+        wires: "tuple[Wire, Wire] | None" = None,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.link = link
+        #: (up, down) shared with other proxies (one laptop's link to several nodes); None:
+        #: each connection has a link of its own.
+        self.wires = wires
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((host, 0))
@@ -115,7 +119,7 @@ class CountingProxy:
     def _pump_shaped(self, source: socket.socket, sink: socket.socket, upward: bool, pair: "_Pair") -> None:
         """One direction through the emulated link: this thread reads, a second one writes
         each chunk at its release time."""
-        shaper = Shaper(self.link, upward)
+        shaper = Shaper(self.link, upward, None if self.wires is None else self.wires[0 if upward else 1])
         writer = threading.Thread(target=self._deliver, args=(shaper, sink, pair), daemon=True)
         writer.start()
         try:

@@ -136,3 +136,53 @@ def test_an_emulated_link_delays_by_its_round_trip_and_paces_at_its_rate() -> No
             assert proxy.count().up == 1_000_001
     assert 0.2 <= ping < 0.3, ping
     assert 1.5 + 0.2 <= bulk < 1.5 + 0.2 + 0.4, bulk
+
+
+def test_proxies_that_share_a_wire_share_its_rate() -> None:
+    """Two proxies (a laptop's connections to two nodes) on one shared uplink: 1 MB through
+    each at once takes the time of 2 MB at the link's rate, not of 1 MB."""
+    from bench.link import Link, Wire
+
+    link = Link("test", rtt=0.02, up_bps=8e6, down_bps=8e6)
+    wires = (Wire(), Wire())
+
+    def sink(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn:
+            received = 0
+            while received < 1_000_000:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+            conn.sendall(b"k")
+
+    servers = [socket.socket() for _ in range(2)]
+    try:
+        for server in servers:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+        threads = [threading.Thread(target=sink, args=(server,)) for server in servers]
+        for thread in threads:
+            thread.start()
+        proxies = [CountingProxy("127.0.0.1", s.getsockname()[1], link=link, wires=wires).start() for s in servers]
+        try:
+            clients = [socket.create_connection(("127.0.0.1", proxy.port)) for proxy in proxies]
+            started = time.monotonic()
+            senders = [threading.Thread(target=c.sendall, args=(b"x" * 1_000_000,)) for c in clients]
+            for sender in senders:
+                sender.start()
+            for client in clients:
+                assert client.recv(1) == b"k"
+            both = time.monotonic() - started
+            for client in clients:
+                client.close()
+        finally:
+            for proxy in proxies:
+                proxy.close()
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        for server in servers:
+            server.close()
+    assert 2.0 <= both < 2.0 + 0.5, both  # 2 MB at 8 Mbit/s; one link each would take 1 s

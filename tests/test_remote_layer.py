@@ -64,10 +64,13 @@ def test_no_module_outside_the_remote_layer_reaches_a_node_by_itself(path: Path)
 def test_every_node_program_is_a_shellchecked_file_the_laptop_sends() -> None:
     """Each program the laptop names exists in bootstrap/node/ (where the shellcheck test
     reads it), and each file there is sent by some module."""
-    programs = {p.name for p in scripts.NODE_DIR.glob("*.sh")} - {scripts.LIB}
+    programs = {p.name for p in [*scripts.NODE_DIR.glob("*.sh"), *scripts.NODE_DIR.glob("*.py")]} - {scripts.LIB}
     sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "trainstack").rglob("*.py"))
     named = set(re.findall(r'"([a-z0-9-]+\.sh)"', sources)) - {scripts.LIB}
+    named |= set(re.findall(r'python_command\(\s*"([a-z0-9-]+\.py)"', sources))
     assert named <= programs, f"named but missing: {sorted(named - programs)}"
     assert programs <= named, f"never sent: {sorted(programs - named)}"
     for name in programs:
         assert scripts.text(name).strip(), name
+        if name.endswith(".py"):  # what python3 -c runs must at least compile
+            compile(scripts.text(name), name, "exec")

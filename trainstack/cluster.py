@@ -412,6 +412,9 @@ def train(
         resumed = store.prepare_node(conn, node_target, rank, resume=resume)
         return start_run(conn, commands[rank], {**variables, **layout.env(rank), **resumed}, force=force, run_id=run_id)
 
+    ship_first = getattr(sync, "ship_first", None)
+    if ship_first is not None:
+        ship_first(nodes)  # nodes holding none of the project get it over the laptop's link once
     started = nodes.each(prepare_and_start)
     if notify is not None:
         for outcome in sorted(set(installs.values())):

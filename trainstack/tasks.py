@@ -123,11 +123,38 @@ def sync(c, stack=None, workdir=None, dry_run=False):
     """Ship the project to the node (incremental; results dirs are never touched)."""
     target = _target(stack, workdir)
     target.require_workdir()
+    if target.node_count > 1:
+        _sync_every_node(target, dry_run)
+        return
     with _connection(target) as conn:
         conn.open_master()  # the handshake, if any, runs while the rest loads
         from trainstack.sync import sync as sync_project
 
         sync_project(target, conn, dry_run=dry_run, console=_console())
+
+
+def _sync_every_node(target, dry_run: bool) -> None:
+    """Every node of the stack, at once; the project crosses the laptop's link once for the
+    nodes that hold none of it yet."""
+    from trainstack import cluster
+    from trainstack.errors import SyncError, TrainstackError
+    from trainstack.sync import NodesSync
+
+    with cluster.Nodes(target, notify=note) as nodes:
+        nodes.open_masters()
+        step = NodesSync(len(nodes), dry_run=dry_run)
+        step.ship_first(nodes)
+        results = nodes.each(step)
+    failed = {index: error for index, error in results.items() if isinstance(error, TrainstackError)}
+    if failed:
+        for index in sorted(failed):
+            note(f"node {index}: {failed[index]}")
+        done = sorted(index for index in results if index not in failed)
+        synced = f"; node{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} synced" if done else ""
+        raise SyncError(
+            f"sync failed on node{'s' if len(failed) > 1 else ''} {', '.join(map(str, sorted(failed)))}{synced}: "
+            "fix the cause above and run sync again"
+        )
 
 
 @task(
@@ -152,18 +179,14 @@ def train(c, stack=None, workdir=None, command=None, sync=True, follow=False, fo
           torchrun=False, master_port=None, nproc_per_node=None, resume=False):
     """Sync, install dependencies, and start a training run on every node, detached from this terminal."""
     from trainstack import cluster
-    from trainstack.console import node_console
 
     target = _target(stack, workdir)
     with cluster.Nodes(target, notify=note) as nodes:
         sync_step = None
         if sync:
-            from trainstack.sync import LocalTree, sync as sync_project
+            from trainstack.sync import NodesSync
 
-            tree = LocalTree()  # listed and hashed once, shipped to every node
-
-            def sync_step(node_target, conn):
-                return sync_project(node_target, conn, console=node_console(conn.node_index, len(nodes)), tree=tree)
+            sync_step = NodesSync(len(nodes))  # listed and hashed once, over the laptop's link once
 
         run = cluster.train(
             target, nodes, command=command, sync=sync_step, force=force, env=env or (), torchrun=torchrun,

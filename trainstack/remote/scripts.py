@@ -27,6 +27,8 @@ def text(name: str) -> str:
     """The program `name` (a file in bootstrap/node/), preceded by the shared functions,
     as sent: without comment lines and indentation (it crosses the link with every sync)."""
     own = (NODE_DIR / name).read_text("utf-8")
+    if name.endswith(".py"):
+        return own  # Python's indentation is its syntax: sent as it is
     full = (NODE_DIR / LIB).read_text("utf-8") + "\n" + own if name in WITH_LIB else own
     return _compact(full)
 
@@ -41,6 +43,12 @@ def _compact(program: str) -> str:
 def command(name: str, args: Sequence[str]) -> str:
     """A remote command line running the program with `args`, whatever the login shell."""
     return " ".join(["sh", "-c", shlex.quote(text(name)), shlex.quote(name), *map(shlex.quote, args)])
+
+
+def python_command(name: str, args: Sequence[str]) -> str:
+    """A remote command line running the Python program `name` (a file in bootstrap/node/)
+    with `args`, by the node's python3."""
+    return " ".join(["python3", "-c", shlex.quote(text(name)), *map(shlex.quote, args)])
 
 
 def inline(name: str, args: Sequence[str]) -> str:

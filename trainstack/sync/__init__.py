@@ -48,13 +48,14 @@ from trainstack.transfer import say
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from trainstack.cluster import Nodes
     from trainstack.remote.connection import Connection
     from trainstack.stack import Target
 
 __all__ = [
     "ENV_TRANSPORT", "STATE_SUBDIR", "TRANSFER_ATTEMPTS", "TRANSPORT_NONE", "TRANSPORT_RSYNC", "TRANSPORT_STREAM",
     "TRANSPORT_TAR", "LocalTree", "Plan", "RemoteLayout", "SyncResult", "make_plan", "read_remote_header",
-    "shipped_excludes", "sync",
+    "shipped_excludes", "sync", "NodesSync",
 ]
 
 ENV_TRANSPORT = "TRAINSTACK_SYNC_TRANSPORT"  # auto | rsync | tar
@@ -320,6 +321,48 @@ class _Sync:
                 self.record.write_synced(current)
             return
         raise SyncError(f"sync to {conn.describe()} did not converge after {TRANSFER_ATTEMPTS} attempts: run it again")
+
+
+class NodesSync:
+    """The sync step of a command that ships one project to several nodes (`invoke sync`,
+    `invoke train`): the tree is listed and hashed once; the nodes that hold nothing of this
+    checkout get one stream over the laptop's link, relayed by the first of them to the others
+    (`sync.relay`); then every other node syncs on its own, all at once."""
+
+    def __init__(self, count: int, *, dry_run: bool = False, tree: LocalTree | None = None) -> None:
+        self.count = count
+        self.dry_run = dry_run
+        self.tree = tree or LocalTree()
+        self.done: dict[int, SyncResult] = {}
+        self._consoles: dict[int, "Console | None"] = {}
+
+    def console(self, index: int) -> "Console | None":
+        if index not in self._consoles:
+            from trainstack.console import node_console
+
+            self._consoles[index] = node_console(index, self.count)
+        return self._consoles[index]
+
+    def ship_first(self, nodes: "Nodes") -> None:
+        """The relayed first sync, to every node that holds no sync of this checkout (when two
+        or more do, and the stream goes as one tar: no forced transport, no dry run)."""
+        if self.dry_run or len(nodes) < 2:
+            return
+        mode = (os.environ.get(ENV_TRANSPORT) or "auto").strip().lower()
+        if mode != "auto" or not openssh_tar_available():
+            return
+        from trainstack.sync import relay
+
+        fresh = [i for i in nodes.indexes if LocalRecord(nodes.targets[i], i).read_synced_digest() is None]
+        chosen = relay.candidates(nodes, fresh)
+        if chosen:
+            self.done.update(relay.ship_once(nodes, chosen, self.tree, self.console))
+
+    def __call__(self, target: "Target", conn: "Connection") -> SyncResult:
+        done = self.done.get(conn.node_index)
+        if done is not None:
+            return done
+        return sync(target, conn, dry_run=self.dry_run, console=self.console(conn.node_index), tree=self.tree)
 
 
 def _finish(result: SyncResult, started: float, console: "Console | None", dry_run: bool) -> SyncResult:
