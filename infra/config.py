@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import difflib
 import json
 import math
@@ -49,6 +50,21 @@ CHECKPOINT_SYNC_MINUTES = "checkpointSyncMinutes"
 CHECKPOINT_SIGNAL = "checkpointSignal"
 CHECKPOINT_GRACE_SECONDS = "checkpointGraceSeconds"
 SPOT_RECOVERY = "spotRecovery"
+CLOUD = "cloud"
+# RunPod (trainstack:cloud: runpod, experimental; infra/runpod.py).
+GPU_TYPE_IDS = "gpuTypeIds"
+GPU_COUNT = "gpusPerPod"
+CLOUD_TYPE = "cloudType"
+CONTAINER_DISK_GB = "containerDiskGb"
+VOLUME_GB = "volumeGb"
+IMAGE = "image"
+
+AWS = "aws"
+RUNPOD = "runpod"
+CLOUDS = (AWS, RUNPOD)
+#: RunPod's PyTorch image, a tag that exists (a moving tag would change the machine under a
+#: running experiment at the next pulumi up).
+DEFAULT_RUNPOD_IMAGE = "runpod/pytorch:2.8.0-py3.11-cuda12.8.1-cudnn-devel-ubuntu22.04"
 
 #: With no idleMinutes/maxHours in the stack, a machine still ends; 0 turns either off.
 DEFAULT_IDLE_MINUTES = contract.DEFAULT_IDLE_MINUTES
@@ -80,7 +96,32 @@ DEFAULTS: dict[str, Any] = {
     CHECKPOINT_SIGNAL: contract.DEFAULT_CHECKPOINT_SIGNAL,
     CHECKPOINT_GRACE_SECONDS: contract.DEFAULT_CHECKPOINT_GRACE_SECONDS,
     SPOT_RECOVERY: True,
+    CLOUD: AWS,
+    GPU_TYPE_IDS: [],
+    GPU_COUNT: 1,
+    CLOUD_TYPE: "SECURE",
+    CONTAINER_DISK_GB: 40,
+    VOLUME_GB: 100,
+    IMAGE: DEFAULT_RUNPOD_IMAGE,
 }
+
+#: Settings only one cloud uses, by key: the ExperimentConfig field they set. A stack of the
+#: other cloud that sets one (to anything but its default) is refused, naming it.
+AWS_ONLY_FIELDS = {
+    INSTANCE_TYPE: "instance_type", SPOT: "spot", ROOT_VOLUME_GB: "root_volume_gb", AMI: "ami",
+    SSH_ALLOWED_CIDRS: "ssh_allowed_cidrs", ALLOW_SSH_FROM_ANYWHERE: "allow_ssh_from_anywhere",
+    SUBNET_ID: "subnet_id", INSTANCE_PROFILE: "instance_profile", SPOT_RECOVERY: "spot_recovery",
+    CHECKPOINT_DIRS: "checkpoint_dirs", CHECKPOINT_SYNC_MINUTES: "checkpoint_sync_minutes",
+    CHECKPOINT_SIGNAL: "checkpoint_signal", CHECKPOINT_GRACE_SECONDS: "checkpoint_grace_seconds",
+}
+RUNPOD_ONLY_FIELDS = {
+    GPU_TYPE_IDS: "gpu_type_ids", GPU_COUNT: "gpu_count", CLOUD_TYPE: "cloud_type",
+    CONTAINER_DISK_GB: "container_disk_gb", VOLUME_GB: "volume_gb", IMAGE: "image",
+}
+CLOUD_TYPES = ("SECURE", "COMMUNITY")
+MAX_GPU_COUNT = 8
+MIN_CONTAINER_DISK_GB = 10
+MAX_DISK_GB = 16384
 
 MAX_NODES = contract.MAX_NODES
 MIN_ROOT_VOLUME_GB = 8
@@ -105,6 +146,8 @@ _AMI_RE = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
 _SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8}([0-9a-f]{9})?$")
 #: An existing instance profile's name (IAM: letters, digits and +=,.@_-, up to 128).
 _INSTANCE_PROFILE_RE = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,128}$")
+#: A container image with a tag or a digest (registry/name:tag, name@sha256:...).
+_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$")
 #: What trainstack:store may say instead of a bucket: no store at all.
 STORE_OFF = "off"
 #: Signals a training job can be asked to checkpoint with (what PyTorch Lightning, Hugging Face
@@ -167,6 +210,17 @@ class ExperimentConfig:
     #: Spot machines come back by themselves after an interruption: a persistent spot request
     #: that stops (not terminates) the machine and starts it again when capacity returns.
     spot_recovery: bool = DEFAULTS[SPOT_RECOVERY]
+    #: Where the machines run: "aws", or "runpod" (experimental: one pod, infra/runpod.py).
+    cloud: str = DEFAULTS[CLOUD]
+    #: RunPod GPU types the pod may get, in order of preference ("NVIDIA GeForce RTX 4090").
+    gpu_type_ids: tuple[str, ...] = ()
+    gpu_count: int = DEFAULTS[GPU_COUNT]
+    #: RunPod's SECURE (data centres) or COMMUNITY (hosts of individuals) cloud.
+    cloud_type: str = DEFAULTS[CLOUD_TYPE]
+    container_disk_gb: int = DEFAULTS[CONTAINER_DISK_GB]
+    #: The pod's volume at /workspace, kept when the pod stops; 0 for none.
+    volume_gb: int = DEFAULTS[VOLUME_GB]
+    image: str = DEFAULTS[IMAGE]
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -186,7 +240,8 @@ class ExperimentConfig:
 
     @property
     def store_enabled(self) -> bool:
-        return self.store != STORE_OFF
+        # RunPod has no artifact store (yet): there trainstack:store may only be empty or off.
+        return self.store != STORE_OFF and self.cloud == AWS
 
     @property
     def effective_checkpoint_dirs(self) -> tuple[str, ...]:
@@ -245,6 +300,13 @@ class ExperimentConfig:
             checkpoint_signal=get(CHECKPOINT_SIGNAL, _parse_str).strip().upper(),
             checkpoint_grace_seconds=get(CHECKPOINT_GRACE_SECONDS, _parse_int),
             spot_recovery=get(SPOT_RECOVERY, _parse_bool),
+            cloud=get(CLOUD, _parse_str).strip().lower(),
+            gpu_type_ids=tuple(entry.strip() for entry in get(GPU_TYPE_IDS, _parse_str_list)),
+            gpu_count=get(GPU_COUNT, _parse_int),
+            cloud_type=get(CLOUD_TYPE, _parse_str).strip().upper(),
+            container_disk_gb=get(CONTAINER_DISK_GB, _parse_int),
+            volume_gb=get(VOLUME_GB, _parse_int),
+            image=get(IMAGE, _parse_str).strip(),
         )
 
     @classmethod
@@ -325,6 +387,7 @@ def _parse_str_list(key: str, value: Any) -> list[str]:
 
 
 def _validate(cfg: ExperimentConfig) -> None:
+    _validate_cloud(cfg)
     if not is_instance_type(cfg.instance_type):
         raise ConfigError(
             INSTANCE_TYPE,
@@ -343,7 +406,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(AMI, f"{cfg.ami!r} is not an image id: use ami- and 8 or 17 hex digits, or leave it empty")
     if cfg.subnet_id is not None and not _SUBNET_RE.match(cfg.subnet_id):
         raise ConfigError(SUBNET_ID, f"{cfg.subnet_id!r} is not a subnet id: use subnet- and 8 or 17 hex digits, or leave it empty")
-    _validate_cidrs(cfg.ssh_allowed_cidrs, cfg.allow_ssh_from_anywhere)
+    if cfg.cloud == AWS:
+        _validate_cidrs(cfg.ssh_allowed_cidrs, cfg.allow_ssh_from_anywhere)
     if cfg.ssh_public_key is not None:
         _validate_public_key(cfg.ssh_public_key)
     if cfg.idle_minutes is not None and cfg.idle_minutes < 1:
@@ -363,6 +427,62 @@ def _validate(cfg: ExperimentConfig) -> None:
     if cfg.price_per_hour is not None and cfg.price_per_hour < 0:
         raise ConfigError(PRICE_PER_HOUR, f"must be a price in USD per hour, 0 or more (got {cfg.price_per_hour})")
     _validate_store(cfg)
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _set_keys(cfg: ExperimentConfig, fields: Mapping[str, str]) -> list[str]:
+    """The keys of `fields` whose setting differs from its default (the Pulumi CLI passes every
+    default as a value: checkpointDirs then arrives as the schema's list, not as None)."""
+    schema_defaults = {"checkpoint_dirs": tuple(DEFAULTS[CHECKPOINT_DIRS])}
+    return [
+        key for key, name in fields.items()
+        if getattr(cfg, name) not in (_FIELD_DEFAULTS[name], schema_defaults.get(name, _FIELD_DEFAULTS[name]))
+    ]
+
+
+def _validate_cloud(cfg: ExperimentConfig) -> None:
+    """trainstack:cloud, and no setting of the other cloud."""
+    if cfg.cloud not in CLOUDS:
+        raise ConfigError(CLOUD, f"must be {' or '.join(CLOUDS)} (got {cfg.cloud!r})")
+    if cfg.cloud == AWS:
+        for key in _set_keys(cfg, RUNPOD_ONLY_FIELDS):
+            raise ConfigError(key, f"is a RunPod setting: set {full_key(CLOUD)}: {RUNPOD}, or remove it")
+        return
+    for key in _set_keys(cfg, AWS_ONLY_FIELDS):
+        if key == SSH_ALLOWED_CIDRS:
+            raise ConfigError(
+                key, f"cannot be kept with {full_key(CLOUD)}: {RUNPOD}: a pod's SSH port is open to every address "
+                "(RunPod has no firewall; key-only login and the pinned host key protect it). Remove it",
+            )
+        raise ConfigError(key, f"is an AWS setting, not used with {full_key(CLOUD)}: {RUNPOD}: remove it")
+    if cfg.nodes != 1:
+        raise ConfigError(NODES, f"must be 1 with {full_key(CLOUD)}: {RUNPOD} (pods share no private network; "
+                          f"got {cfg.nodes}): remove it, or use {full_key(CLOUD)}: {AWS}")
+    if cfg.store not in ("", STORE_OFF):
+        raise ConfigError(STORE, f"is an S3 artifact store, which {full_key(CLOUD)}: {RUNPOD} does not have: "
+                          f"set it to {STORE_OFF} or remove it")
+    if not cfg.gpu_type_ids:
+        raise ConfigError(GPU_TYPE_IDS, "is empty: list the RunPod GPU types the pod may get, in order of preference, "
+                          "like [NVIDIA GeForce RTX 4090, NVIDIA RTX A6000] (runpodctl get cloud lists them)")
+    for gpu in cfg.gpu_type_ids:
+        if not gpu or not gpu.isprintable():
+            raise ConfigError(GPU_TYPE_IDS, f"entry {gpu!r} is not a RunPod GPU type id, like NVIDIA GeForce RTX 4090")
+    if not 1 <= cfg.gpu_count <= MAX_GPU_COUNT:
+        raise ConfigError(GPU_COUNT, f"must be between 1 and {MAX_GPU_COUNT} (got {cfg.gpu_count})")
+    if cfg.cloud_type not in CLOUD_TYPES:
+        raise ConfigError(CLOUD_TYPE, f"must be {' or '.join(CLOUD_TYPES)} (got {cfg.cloud_type!r})")
+    if not MIN_CONTAINER_DISK_GB <= cfg.container_disk_gb <= MAX_DISK_GB:
+        raise ConfigError(CONTAINER_DISK_GB, f"must be between {MIN_CONTAINER_DISK_GB} and {MAX_DISK_GB} GB "
+                          f"(got {cfg.container_disk_gb})")
+    if not 0 <= cfg.volume_gb <= MAX_DISK_GB:
+        raise ConfigError(VOLUME_GB, f"must be between 0 (no volume) and {MAX_DISK_GB} GB (got {cfg.volume_gb})")
+    if not _IMAGE_RE.match(cfg.image):
+        raise ConfigError(IMAGE, f"{cfg.image!r} is not a pinned image: name a tag or digest, like "
+                          f"{DEFAULT_RUNPOD_IMAGE}")
+    if cfg.image.rsplit(":", 1)[-1] == "latest":
+        raise ConfigError(IMAGE, f"{cfg.image!r} moves with every release: name a fixed tag, like {DEFAULT_RUNPOD_IMAGE}")
 
 
 def _validate_store(cfg: ExperimentConfig) -> None:

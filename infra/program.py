@@ -1,5 +1,5 @@
 """The Pulumi program: one stack is one experiment. Read top to bottom: settings, machines,
-outputs."""
+outputs. `trainstack:cloud: runpod` declares a RunPod pod instead (infra/runpod.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pulumi
 
 from . import preflight
-from .config import ExperimentConfig
+from .config import RUNPOD, ExperimentConfig
 from .images import AwsLookups, CloudLookups
 from .machine import ExperimentMachines, check_machine_state_request, experiment_tags
 from .store import ArtifactStore
@@ -48,6 +48,7 @@ def experiment_outputs(
         Outputs.CHECKPOINT_SIGNAL: cfg.checkpoint_signal,
         Outputs.CHECKPOINT_GRACE_SECONDS: cfg.checkpoint_grace_seconds,
         Outputs.INSTANCE_PROFILE: machines.instance_profile if machines.instance_profile is not None else "",
+        Outputs.CLOUD: cfg.cloud,
         "placement": machines.placement,
         "image": machines.image,
     }
@@ -60,13 +61,17 @@ def declare_store(cfg: ExperimentConfig, experiment: str, lookups: CloudLookups)
     return ArtifactStore("store", cfg, experiment=experiment, tags=experiment_tags(experiment, lookups.caller_arn()))
 
 
-def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> tuple[ExperimentMachines, dict[str, pulumi.Input[Any]]]:
+def declare(lookups: CloudLookups | None = None, cfg: ExperimentConfig | None = None) -> tuple[pulumi.ComponentResource, dict[str, pulumi.Input[Any]]]:
     """Declares the experiment's store and machines; returns the machines and the stack outputs.
 
     Settings are validated first (ConfigError), then checked against the account and region
     (PreflightError), so a bad value or a launch that would fail declares nothing.
     """
     cfg = cfg if cfg is not None else ExperimentConfig.load()
+    if cfg.cloud == RUNPOD:
+        from . import runpod
+
+        return runpod.declare(cfg)
     lookups = lookups if lookups is not None else AwsLookups()
     check_machine_state_request(cfg)
     site = preflight.check(cfg, lookups)

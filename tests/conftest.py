@@ -85,3 +85,6 @@ def venv_bin() -> Path:
 # The artifact store's stand-ins on 127.0.0.1: moto's S3 server (one per session) and a fake
 # IMDSv2 (one per test). See aws_standins.py.
 from aws_standins import imds, s3_server  # noqa: E402,F401 - fixtures
+
+# A fake RunPod API on 127.0.0.1 for the endpoint lookup (see runpod_api.py).
+from runpod_api import runpod_api  # noqa: E402,F401 - fixture

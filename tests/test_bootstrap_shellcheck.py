@@ -64,3 +64,9 @@ def test_rendered_user_data_passes_shellcheck(tmp_path: Path):
     script.write_text(userdata.render_user_data(inputs))
     result = _shellcheck(script)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_pod_start_is_among_the_checked_files():
+    """bootstrap/pod/ runs on RunPod pods as their start: it is checked like the rest."""
+    names = {p.relative_to(REPO).as_posix() for p in BOOTSTRAP_FILES}
+    assert "bootstrap/pod/start.sh" in names

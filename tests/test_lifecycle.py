@@ -16,6 +16,7 @@ from trainstack import contract, lifecycle
 from trainstack.errors import PulumiCliError, UsageError
 from trainstack.lifecycle import DestroyRefused, ExperimentSpec
 from trainstack.local import LocalTarget
+from trainstack.layout import ENDPOINTS_CACHE
 from trainstack.stack import OUTPUTS_CACHE, read_outputs_cache, resolve_target, stack_state_dir
 
 
@@ -237,11 +238,13 @@ def test_down_refuses_while_a_run_is_active(exp1: RecordingEngine, project_dir: 
         lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None)
     assert exp1.calls == []
     assert (stack_state_dir(project_dir, "exp1") / OUTPUTS_CACHE).exists()
+    (stack_state_dir(project_dir, "exp1") / ENDPOINTS_CACHE).write_text("{}\n")  # a pod's address, say
 
     report = lifecycle.down_experiment("exp1", project_dir, engine=exp1, notify=lambda _: None, force=True)
     assert report.destroyed and not report.checked
     assert exp1.calls == [("destroy", "exp1")]
     assert not (stack_state_dir(project_dir, "exp1") / OUTPUTS_CACHE).exists()
+    assert not (stack_state_dir(project_dir, "exp1") / ENDPOINTS_CACHE).exists()
 
 
 def test_down_of_an_idle_machine_without_results_destroys(exp1: RecordingEngine, project_dir: Path) -> None:

@@ -56,7 +56,7 @@ def test_list_imports_neither_pulumi_nor_ssh(venv_bin: Path, tmp_path: Path) -> 
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     assert "invoke" in imported and "trainstack" in imported  # tasks.py itself was loaded
     # (PyYAML may appear: invoke itself loads it for its config files.)
-    assert not imported & {"pulumi", "pulumi_aws", "pulumi_tls", "paramiko", "cryptography", "rich", "tenacity"}
+    assert not imported & {"pulumi", "pulumi_aws", "pulumi_tls", "paramiko", "cryptography", "rich", "tenacity", "runpod"}
 
 
 def test_noop_sync_loads_neither_paramiko_nor_rich(venv_bin: Path, local_sshd, project_dir: Path, workdir: Path) -> None:

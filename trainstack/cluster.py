@@ -191,9 +191,14 @@ class Layout:
         }
 
 
+#: Rank 0's address for a node that is the whole cluster and knows no private address.
+LOOPBACK = "127.0.0.1"
+
+
 def private_ips(target: "Target") -> tuple[str, ...]:
-    """The nodes' private addresses in rank order (their SSH address where none is known)."""
-    return tuple(node.private_ip or node.host for node in target.outputs.nodes)
+    """The nodes' private addresses in rank order (their SSH address where none is known; a
+    RunPod pod, which has neither in the outputs and is always alone, its own loopback)."""
+    return tuple(node.private_ip or (LOOPBACK if node.endpoint else node.host) for node in target.outputs.nodes)
 
 
 def default_master_port(target: "Target") -> int:

@@ -64,13 +64,14 @@ class Outputs:
     CHECKPOINT_SIGNAL = "checkpoint_signal"  # "SIGTERM": what the job gets on a spot notice
     CHECKPOINT_GRACE_SECONDS = "checkpoint_grace_seconds"  # between the signal and the upload
     INSTANCE_PROFILE = "instance_profile"  # the machines' instance profile name
+    CLOUD = "cloud"  # "aws" or "runpod"; absent in stacks made before RunPod = "aws"
 
     REQUIRED = (NODES, SSH_USER, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT)
     ALL = (
         NODES, SSH_USER, SSH_PRIVATE_KEY, SSH_HOST_PUBLIC_KEY, REMOTE_ROOT, INSTANCE_TYPE,
         REGION, SPOT, EXPERIMENT, RESULTS, IDLE_MINUTES, MAX_HOURS, PRICE_PER_HOUR,
         STORE, CHECKPOINT_DIRS, CHECKPOINT_SYNC_MINUTES, CHECKPOINT_SIGNAL, CHECKPOINT_GRACE_SECONDS,
-        INSTANCE_PROFILE,
+        INSTANCE_PROFILE, CLOUD,
     )
 
 
@@ -82,6 +83,9 @@ class NodeKeys:
     #: Optional: this node's own remote root, where it differs from the stack's `remote_root`
     #: (the local target's nodes share one filesystem, so each has a directory of its own).
     REMOTE_ROOT = "remote_root"
+    #: Where the node's SSH address comes from: absent or "" = its `host`/`port`; "runpod" =
+    #: RunPod's API at run time, by `instance_id` (the pod id), `host` "" in the outputs.
+    ENDPOINT = "endpoint"
 
 
 class Tags:
@@ -373,6 +377,7 @@ class Node:
     private_ip: str = ""
     instance_id: str = ""
     remote_root: str = ""  # "" = the stack's remote_root
+    endpoint: str = ""  # "" = host/port; "runpod" = looked up by instance_id (NodeKeys.ENDPOINT)
 
     @classmethod
     def from_output(cls, raw: Mapping[str, Any]) -> "Node":
@@ -382,6 +387,7 @@ class Node:
             private_ip=str(raw.get(NodeKeys.PRIVATE_IP) or ""),
             instance_id=str(raw.get(NodeKeys.INSTANCE_ID) or ""),
             remote_root=str(raw.get(NodeKeys.REMOTE_ROOT) or ""),
+            endpoint=str(raw.get(NodeKeys.ENDPOINT) or ""),
         )
 
     def to_output(self) -> dict[str, Any]:
@@ -393,6 +399,8 @@ class Node:
         }
         if self.remote_root:
             output[NodeKeys.REMOTE_ROOT] = self.remote_root
+        if self.endpoint:
+            output[NodeKeys.ENDPOINT] = self.endpoint
         return output
 
 

@@ -46,6 +46,19 @@ class TargetUnreachable(TrainstackError):
     """SSH to a node failed after all retries."""
 
 
+class EndpointLookupFailed(TargetUnreachable):
+    """A node's SSH address, kept by its cloud's API rather than the stack outputs (a RunPod
+    pod's), could not be looked up: no API key, a refused one, no answer, no such pod."""
+
+
+class PodStarting(EndpointLookupFailed):
+    """The pod exists but has no public SSH port yet: `invoke wait` waits for it."""
+
+
+class PodGone(EndpointLookupFailed):
+    """RunPod no longer knows the stack's pod."""
+
+
 class HostKeyMismatch(TrainstackError):
     """The node presented a host key other than the one pinned in the stack outputs."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from trainstack import contract
+from trainstack import contract, endpoints
 from trainstack.autostop import NodeSnapshot, snapshot
 from trainstack.cost import cost_so_far, format_duration, format_usd, planned_price, stack_price
 from trainstack.errors import TrainstackError
@@ -74,7 +74,7 @@ def _row(stack: str, project_dir: Path, probe: Probe) -> ExperimentRow:
     machines = "local" if target.is_local else f"{outputs.instance_type or '?'} × {nodes}"
     if outputs.spot:
         machines += " spot"
-    if not target.is_local and not any(node.host for node in outputs.nodes):
+    if not target.is_local and not any(node.host or node.endpoint for node in outputs.nodes):
         # The last up, start or stop read the machines without an address: they were stopped.
         return ExperimentRow(stack, "stopped", machines, run="-", auto_stop=f"invoke start -s {stack}")
     try:
@@ -117,12 +117,15 @@ def cached_target(stack: str, project_dir: Path, config: dict[str, Any]) -> Targ
         if cached is None:
             return None
         outputs, source = cached, "cache"
+    # A pod's address as the last command found it; the probe asks RunPod for one it does not know.
+    outputs = endpoints.from_cache(outputs, state_dir)
     try:
         workdir = resolve_workdir(None, config, stack, project_dir)
     except TrainstackError:
         workdir = None
     return Target(stack=stack, outputs=outputs, workdir=workdir, state_dir=state_dir,
-                  results=outputs.results, command=None, project_dir=project_dir, outputs_source=source)
+                  results=outputs.results, command=None, project_dir=project_dir, outputs_source=source,
+                  endpoints_source="cache" if endpoints.needs_lookup(outputs) else "")
 
 
 def _planned_machines(config: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@
       .trainstack/              private state (keys): never shipped, never a workdir
         stacks/<stack>/         one stack's state (`stack_state_dir`, a Target's `state_dir`):
           outputs.json          the cached stack outputs
+          endpoints.json        nodes' SSH addresses looked up in their cloud's API (RunPod)
           known_hosts, id_key   the pinned host key and the stack's private key (0600)
           sync/ fetch.json cm/  what sync, fetch and the SSH ControlMaster keep per stack
         local/                  the local target: sshd configs and keys, outputs.json, and a
@@ -27,6 +28,7 @@ RUNS_DIRNAME = "runs"
 
 # Inside one stack's state dir.
 OUTPUTS_CACHE = "outputs.json"
+ENDPOINTS_CACHE = "endpoints.json"
 KNOWN_HOSTS = "known_hosts"
 PRIVATE_KEY = "id_key"
 SYNC_STATE = "sync"

@@ -25,7 +25,7 @@ from trainstack.errors import (
     TrainstackError,
     UsageError,
 )
-from trainstack.layout import OUTPUTS_CACHE, stack_state_dir
+from trainstack.layout import ENDPOINTS_CACHE, OUTPUTS_CACHE, stack_state_dir
 from trainstack.stack import (
     Target,
     parse_outputs,
@@ -293,7 +293,7 @@ def up_experiment(stack: str, project_dir: Path, engine: Engine, notify: Notify,
     raw = engine.up(stack, project_dir, notify, new_image=new_image)
     outputs = parse_outputs(stack, dict(raw), "pulumi up")
     write_outputs_cache(stack_state_dir(project_dir, stack), outputs)
-    if not any(node.host for node in outputs.nodes):
+    if not any(node.host or node.endpoint for node in outputs.nodes):
         # The refresh read them stopped (an idle stop, `stop --machine`), and up keeps them so.
         one = len(outputs.nodes) == 1
         machines = "the machine" if one else f"the {len(outputs.nodes)} machines"
@@ -373,7 +373,7 @@ def _refuse_stop_while_busy(target: Target, stack: str, connect_timeout: float) 
     anyway = "pass --force to stop the machines anyway"
     try:
         for index in range(target.node_count):
-            if not target.node(index).host:
+            if not target.node(index).host and not target.node(index).endpoint:
                 continue  # stopped when last read: nothing runs there
             with Connection(target.for_node(index), index, retry_seconds=0, connect_timeout=connect_timeout) as conn:
                 where = "" if target.node_count == 1 else f" (node {index})"
@@ -445,7 +445,8 @@ def down_experiment(
         local.down(project_dir)
     else:
         engine.destroy(stack, project_dir, notify)
-    (stack_state_dir(project_dir, stack) / OUTPUTS_CACHE).unlink(missing_ok=True)
+    for cached in (OUTPUTS_CACHE, ENDPOINTS_CACHE):
+        (stack_state_dir(project_dir, stack) / cached).unlink(missing_ok=True)
     return DownReport(destroyed=True, fetched=fetched, checked=target is not None and not force)
 
 

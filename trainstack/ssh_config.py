@@ -34,6 +34,7 @@ def aliases(target: Target, node_index: int) -> list[str]:
 
 
 def entries(target: Target) -> str:
+    target.resolve_endpoints()  # a RunPod pod's address: from the stack's cache, else its API
     key = target.key_file()
     known_hosts = target.known_hosts_file()
     blocks = []

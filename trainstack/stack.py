@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from trainstack import contract, layout
+from trainstack import contract, endpoints, layout
 from trainstack.contract import LOCAL_STACK, StackOutputs
 from trainstack.errors import (
     OutputsMissing,
     PulumiCliError,
     StackNotFound,
+    TrainstackError,
     UsageError,
 )
 
@@ -71,6 +72,9 @@ class Target:
     config: dict[str, Any] = field(default_factory=dict)
     #: Set by `for_node`: the node whose view of the outputs this target holds.
     focus: int | None = None
+    #: Where the addresses of nodes kept by their cloud's API (`trainstack.endpoints`) came
+    #: from: "" (no such nodes), "cache" (the stack's endpoints.json) or "api" (asked now).
+    endpoints_source: str = ""
 
     @property
     def is_local(self) -> bool:
@@ -129,31 +133,61 @@ class Target:
         return path
 
     def known_hosts_file(self) -> Path:
-        """A known_hosts holding only the pinned host key, one line per node."""
+        """A known_hosts holding only the pinned host key, one line per node with an address."""
         lines = []
         for node in self.outputs.nodes:
-            lines.append(f"{known_hosts_name(node.host, node.port)} {self.outputs.ssh_host_public_key}\n")
+            if node.host:
+                lines.append(f"{known_hosts_name(node.host, node.port)} {self.outputs.ssh_host_public_key}\n")
         return _write_private(self.state_dir / KNOWN_HOSTS, "".join(lines))
+
+    def resolve_endpoints(self) -> None:
+        """Give the nodes whose address their cloud's API keeps (a RunPod pod) that address:
+        from the stack's cache, else from the API. Raises PodStarting while a pod has no SSH
+        port yet, PodGone, or EndpointLookupFailed."""
+        if not endpoints.unresolved(self.outputs):
+            return
+        outputs, source = endpoints.from_cache(self.outputs, self.state_dir), "cache"
+        if endpoints.unresolved(outputs):
+            outputs, source = endpoints.look_up(self.outputs, self.state_dir), "api"
+        self.outputs, self.endpoints_source = outputs, source
 
     def refresh_outputs(self) -> bool:
         """Re-read the outputs from their source of truth; True when they changed.
 
         Called when a connection fails with cached outputs: the machine may have been
-        replaced (new address, new host key) since the cache was written.
+        replaced (new address, new host key) since the cache was written. Addresses kept by
+        a cloud's API are asked of it again (a restarted pod has a new port); for those, outputs
+        Pulumi cannot give now are not needed: the pod id in hand is enough to ask.
         """
         if self.is_local:
             fresh = read_local_outputs(self.project_dir)
             source = "local"
+        elif self.outputs_source == "pulumi" and endpoints.needs_lookup(self.outputs):
+            # Read from Pulumi by this very command: only the API's part can be stale.
+            fresh, source = StackOutputs.parse(self.stack, self.outputs.raw), "pulumi"
         else:
-            fresh = fetch_pulumi_outputs(self.stack, self.project_dir)
-            write_outputs_cache(self.state_dir, fresh)
-            source = "pulumi"
-        changed = dict(fresh.raw) != dict(self.outputs.raw)
+            try:
+                fresh = fetch_pulumi_outputs(self.stack, self.project_dir)
+            except TrainstackError:
+                if not endpoints.needs_lookup(self.outputs):
+                    raise
+                fresh, source = StackOutputs.parse(self.stack, self.outputs.raw), self.outputs_source
+            else:
+                write_outputs_cache(self.state_dir, fresh)
+                source = "pulumi"
+        if endpoints.needs_lookup(fresh):
+            fresh = endpoints.look_up(fresh, self.state_dir)
+            self.endpoints_source = "api"
+        changed = dict(fresh.raw) != dict(self.outputs.raw) or _addresses(fresh) != _addresses(self.outputs)
         if self.focus is not None and self.focus < len(fresh.nodes):
             fresh = fresh.for_node(self.focus)
         self.outputs = fresh
         self.outputs_source = source
         return changed
+
+
+def _addresses(outputs: StackOutputs) -> list[tuple[str, int]]:
+    return [(node.host, node.port) for node in outputs.nodes]
 
 
 def known_hosts_name(host: str, port: int) -> str:
@@ -180,6 +214,11 @@ def resolve_target(
         else:
             outputs, source = fetch_pulumi_outputs(stack_name, project), "pulumi"
             write_outputs_cache(state_dir, outputs)
+    # Addresses kept by a cloud's API: the ones known from earlier commands now, the API asked
+    # only when a node is first connected to (`Target.resolve_endpoints`).
+    endpoints_source = ""
+    if endpoints.needs_lookup(outputs):
+        outputs, endpoints_source = endpoints.from_cache(outputs, state_dir), "cache"
 
     results = _results(config, outputs)
     command = config.get(f"{contract.CONFIG_NAMESPACE}:command")
@@ -193,6 +232,7 @@ def resolve_target(
         project_dir=project,
         outputs_source=source,
         config=config,
+        endpoints_source=endpoints_source,
     )
 
 

@@ -1,7 +1,7 @@
 """`invoke wait`: until every node answers SSH and its first-boot setup wrote ready.json.
 
 A bootstrap that failed fails the wait at once with the tail of its log; running out of time
-names what was still missing.
+names what was still missing. A RunPod pod that has no public SSH port yet is waited for too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from typing import Callable
 
 from trainstack import contract
 from trainstack.remote.connection import Connection
-from trainstack.errors import AuthenticationFailed, BootstrapFailed, TargetUnreachable, WaitTimeout
+from trainstack.errors import (
+    AuthenticationFailed,
+    BootstrapFailed,
+    EndpointLookupFailed,
+    PodStarting,
+    TargetUnreachable,
+    WaitTimeout,
+)
 from trainstack.stack import Target
 
 Notify = Callable[[str], None]
@@ -42,15 +49,15 @@ def _wait_node(
     target = target.for_node(index)  # the local target's nodes each have a root of their own
     ready_path = target.remote_path(contract.Remote.READY)
     log_path = target.remote_path(contract.Remote.BOOTSTRAP_LOG)
-    node = target.node(index)
-    announced = False
+    announced = starting = False
     if notify is not None:
-        notify(f"waiting for node {index} ({node.host}:{node.port})")
+        notify(f"waiting for node {index} ({_where(target, index)})")
     while True:
+        node = target.node(index)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise WaitTimeout(
-                f"timed out after {timeout:.0f} s waiting for SSH on {node.host}:{node.port} "
+                f"timed out after {timeout:.0f} s waiting for SSH on {_where(target, index)} "
                 f"(node {index}): check the instance in the console or `pulumi stack output`; "
                 "raise the limit with --timeout"
             )
@@ -79,6 +86,19 @@ def _wait_node(
                         + _log_tail(conn, log_path)
                     )
                 time.sleep(poll)
+        except PodStarting:
+            if time.monotonic() + poll >= deadline:
+                raise WaitTimeout(
+                    f"timed out after {timeout:.0f} s waiting for RunPod pod {node.instance_id} (node {index}) to "
+                    "start: RunPod still shows no public SSH port for it; check the pod in RunPod's console; "
+                    "raise the limit with --timeout"
+                ) from None
+            if not starting and notify is not None:
+                notify(f"node {index}: RunPod pod {node.instance_id} is still starting (no public SSH port yet)")
+                starting = True
+            time.sleep(poll)
+        except EndpointLookupFailed:
+            raise  # no key, no such pod: waiting changes nothing
         except AuthenticationFailed:
             # A machine still creating its user refuses the key for a moment; past the deadline
             # the refusal itself is the most useful message.
@@ -88,11 +108,18 @@ def _wait_node(
         except TargetUnreachable:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(
-                    f"timed out after {timeout:.0f} s waiting for SSH on {node.host}:{node.port} "
+                    f"timed out after {timeout:.0f} s waiting for SSH on {_where(target, index)} "
                     f"(node {index}): is the instance running? raise the limit with --timeout"
                 ) from None
         finally:
             conn.close()
+
+
+def _where(target: Target, index: int) -> str:
+    node = target.node(index)
+    if node.host:
+        return f"{node.host}:{node.port}"
+    return f"RunPod pod {node.instance_id}" if node.endpoint else "no address yet"
 
 
 def _parse_ready(text: str) -> dict | None:

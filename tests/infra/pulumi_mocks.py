@@ -69,6 +69,10 @@ def fake_image_id(name_pattern: str) -> str:
     return "ami-" + hashlib.sha256(name_pattern.encode()).hexdigest()[:17]
 
 
+#: The id RunPod gives the mocked pods (the provider's resource id is the Pulumi name).
+POD_ID = "pod0abcdef12345"
+
+
 def instance_id(index: int) -> str:
     return f"i-{index:017x}"
 
@@ -91,6 +95,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
     ids: dict[str, str] = field(default_factory=dict)
     #: The resource options the program registered, by logical name (ignoreChanges, ...).
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The inputs registered as secrets, by logical name: their top-level property names.
+    secret_inputs: dict[str, list[str]] = field(default_factory=dict)
     quotas: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_QUOTAS))
     #: Quota codes whose lookup fails, as without servicequotas:GetServiceQuota.
     unreadable_quotas: set[str] = field(default_factory=set)
@@ -108,6 +114,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.outputs.clear()
         self.ids.clear()
         self.options.clear()
+        self.secret_inputs.clear()
         self.quotas = dict(DEFAULT_QUOTAS)
         self.unreadable_quotas = set()
         self.offerings = {}
@@ -147,6 +154,14 @@ class RecordingMocks(pulumi.runtime.Mocks):
                            spot_instance_id=instance_id(index), spot_request_state="active",
                            instance_state=self.instance_state)
             resource_id = f"sir-{index:08x}"
+        elif args.typ == "runpod:index:Pod":
+            # As the provider: its state of the pod under `pod` (RunPod's record), the Pulumi
+            # name as the resource id.
+            outputs["pod"] = {"id": POD_ID, "desiredStatus": "RUNNING", "apiKey": "rp-pod-key", "costPerHr": 0.69}
+            # Secret, as the engine makes an output the program listed in additionalSecretOutputs.
+            outputs["pod"] = {pulumi.runtime.rpc._special_sig_key: pulumi.runtime.rpc._special_secret_sig,
+                              "value": outputs["pod"]}
+            resource_id = args.name
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             outputs.setdefault("name", f"{args.name}-pg")
         elif args.typ == "aws:s3/bucket:Bucket":
@@ -233,5 +248,13 @@ class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
             "deleteBeforeReplace": request.deleteBeforeReplace,
             "retainOnDelete": request.retainOnDelete,
             "protect": request.protect,
+            "additionalSecretOutputs": list(request.additionalSecretOutputs),
         }
+        self.recording.secret_inputs[request.name] = sorted(
+            key for key, value in request.object.fields.items()
+            if value.HasField("struct_value")
+            and value.struct_value.fields.get(pulumi.runtime.rpc._special_sig_key, None) is not None
+            and value.struct_value.fields[pulumi.runtime.rpc._special_sig_key].string_value
+            == pulumi.runtime.rpc._special_secret_sig
+        )
         return super().RegisterResource(request)

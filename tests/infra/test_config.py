@@ -132,6 +132,7 @@ def test_defaults_table_covers_every_field_read_from_config():
         "sshPublicKey", "idleMinutes", "maxHours", "workdir", "command", "results", "onIdle", "pricePerHour",
         "launcher", "subnetId", "store", "instanceProfile", "checkpointDirs", "checkpointSyncMinutes",
         "checkpointSignal", "checkpointGraceSeconds", "spotRecovery",
+        "cloud", "gpuTypeIds", "gpusPerPod", "cloudType", "containerDiskGb", "volumeGb", "image",
     }
 
 

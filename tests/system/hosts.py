@@ -398,6 +398,7 @@ class Host:
     overlay: bool = field(default=False, init=False)
     _init: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _sshd: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _spawned: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False, repr=False)
     _torn_down: bool = field(default=False, init=False, repr=False)
     lease: AddressLease | None = field(default=None, repr=False)
 
@@ -476,7 +477,7 @@ class Host:
         # Killing PID 1 of the namespace kills every process in it.
         if self.init_pid:
             kill_and_wait([self.init_pid])
-        for process in (self._sshd, self._init):
+        for process in (*self._spawned, self._sshd, self._init):
             if process is not None and process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
@@ -528,6 +529,18 @@ class Host:
         if check and result.returncode != 0:
             raise CommandFailed(self.name, argv, result)
         return result
+
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+        """Start argv as root inside the host with exactly `env` (plus the egress trust), in the
+        background, its output appended to `log`: a machine's long-running main process (a
+        container's start command, say). It ends with the host."""
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                self._enter(argv, {**env, **egress_trust()[1]}),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._spawned.append(process)
+        return process
 
     def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
         """Run a /bin/sh script inside the host (same options as `run`)."""

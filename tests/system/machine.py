@@ -184,9 +184,10 @@ class Experiment:
     def workdir(self) -> Path:
         return self.project / self.workdir_name
 
-    def invoke(self, task: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def invoke(self, task: str, *args: str, timeout: float = 240,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """`invoke <task> --stack <stack> <args>` in the project, with this repository's tasks."""
-        return invoke_task(self.project, task, "--stack", self.stack, *args, timeout=timeout)
+        return invoke_task(self.project, task, "--stack", self.stack, *args, env=env, timeout=timeout)
 
     def target(self) -> Any:
         """The resolved target, as the tasks see it from this project."""

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from trainstack import contract
 from trainstack.errors import (
     AuthenticationFailed,
+    EndpointLookupFailed,
     HostKeyMismatch,
     RemoteCommandFailed,
     TargetUnreachable,
@@ -109,13 +111,22 @@ class Connection:
 
     # --- identity ----------------------------------------------------------------------
 
+    def node(self) -> contract.Node:
+        """The node, with its address: one its cloud's API keeps (a RunPod pod's) is looked up
+        the first time it is needed (`Target.resolve_endpoints`; raises PodStarting, PodGone...)."""
+        node = self.target.node(self.node_index)
+        if node.endpoint and not node.host:
+            self.target.resolve_endpoints()
+            node = self.target.node(self.node_index)
+        return node
+
     @property
     def host(self) -> str:
-        return self.target.node(self.node_index).host
+        return self.node().host
 
     @property
     def port(self) -> int:
-        return self.target.node(self.node_index).port
+        return self.node().port
 
     @property
     def user(self) -> str:
@@ -273,10 +284,12 @@ class Connection:
         return client
 
     def _refresh_outputs(self) -> bool:
-        if self.target.outputs_source != "cache":
+        if self.target.outputs_source != "cache" and self.target.endpoints_source != "cache":
             return False
         try:
             return self.target.refresh_outputs()
+        except EndpointLookupFailed:
+            raise  # the API's answer (gone, still starting, no key) is the real cause
         except TrainstackError:
             return False
 
@@ -465,7 +478,7 @@ class Connection:
         node's address: OpenSSH reuses a master by path alone, so a node replaced at a new
         address (a spot machine's replacement, read by a refresh) must not get the old one's."""
         preferred = self.target.state_dir / "cm"
-        node = self.target.node(self.node_index)
+        node = self.node()
         name = f"n{self.node_index}-" + hashlib.sha256(f"{node.host}:{node.port}".encode()).hexdigest()[:8]
         if len(str(preferred / name)) > _MAX_SOCKET_PATH:
             # A deep project path does not fit a Unix socket address: use a private temp dir.

@@ -115,12 +115,16 @@ class NodeSession:
         return self._proc.returncode, err
 
     def close(self) -> None:
-        """End the session (the node's shell sees EOF and exits)."""
+        """End the session (the node's shell sees EOF and exits). A session that only answered
+        is ended without waiting for the node to say so: it changed nothing there, and its
+        shell ends when the channel closes."""
         self._settle()
         proc, self._proc = self._proc, None
         if proc is not None:
+            if not self._spent and proc.poll() is None:
+                proc.kill()  # through a ControlMaster: the master closes the channel, at once
             self._spent = True
-            self._end(proc)
+            self._end(proc, read_stderr=False)
 
     @staticmethod
     def _end(proc: "subprocess.Popen[bytes]", read_stderr: bool = True) -> bytes:
