@@ -75,7 +75,7 @@ def test_a_running_pod_is_looked_up_once_and_its_host_key_pinned_there(
         assert conn.run(["echo", "hello"]).stdout == "hello\n"
     assert runpod_api.pod_lookups() == 1
     assert (target.outputs.head.host, target.outputs.head.port) == (host, port)
-    assert cached_endpoints(project_dir) == {f"runpod/{POD}": {"host": host, "port": port}}
+    assert cached_endpoints(project_dir) == {f"runpod/{POD}": {"host": host, "port": port, "usd_per_hour": 0.44}}
     known_hosts = (target.state_dir / KNOWN_HOSTS).read_text()
     assert known_hosts == f"[{host}]:{port} {target.outputs.ssh_host_public_key}\n"
 
@@ -169,7 +169,7 @@ def test_what_a_pod_without_a_public_ssh_port_means(answer, error, words) -> Non
 
 def test_the_public_ssh_port_is_the_one_taken() -> None:
     pod = running_pod(POD, "203.0.113.9", 40022)
-    assert endpoints.pod_ssh_endpoint(STACK, POD, pod) == endpoints.Endpoint("203.0.113.9", 40022)
+    assert endpoints.pod_ssh_endpoint(STACK, POD, pod) == endpoints.Endpoint("203.0.113.9", 40022, 0.44)
 
 
 def test_stacks_without_such_nodes_never_touch_the_cache(local_target) -> None:
@@ -225,3 +225,37 @@ def test_one_line_errors_for_the_pod_and_the_key(
     no_key = {k: v for k, v in runpod_api.env().items() if k != "RUNPOD_API_KEY"}
     missing = one_line_error(invoke(venv_bin, project_dir, "ssh-config", "--print-only", "-s", STACK, env=no_key))
     assert "set RUNPOD_API_KEY" in missing
+
+
+def test_the_pods_price_comes_from_the_api_unless_the_stack_states_one(
+    local_sshd, project_dir: Path, runpod_api: FakeRunPodApi
+) -> None:
+    """RunPod's costPerHr, read with the address and kept with it, is the price `status` and `ls`
+    show; a price in the stack (trainstack:pricePerHour) still wins."""
+    from trainstack.cost import stack_price
+
+    host, port = make_runpod_stack(project_dir)
+    runpod_api.pods[POD] = {**running_pod(POD, host, port), "costPerHr": 0.69}
+    target = resolve_target(STACK, project_dir=project_dir)
+    assert stack_price(target.outputs) is None  # not known before the API was asked
+    with Connection(target, retry_seconds=5) as conn:
+        conn.run(["true"])
+    price = stack_price(target.outputs)
+    assert price is not None and (price.usd, price.basis) == (0.69, "RunPod's price")
+
+    again = resolve_target(STACK, project_dir=project_dir)  # from the cache, no API call
+    assert runpod_api.pod_lookups() == 1
+    cached = stack_price(again.outputs)
+    assert cached is not None and (cached.usd, cached.basis) == (0.69, "RunPod's price")
+
+    raw = dict(again.outputs.raw)
+    raw[contract.Outputs.PRICE_PER_HOUR] = 0.5
+    write_outputs_cache(stack_state_dir(project_dir, STACK), contract.StackOutputs.parse(STACK, raw))
+    stated = stack_price(resolve_target(STACK, project_dir=project_dir).outputs)
+    assert stated is not None and stated.usd == 0.5
+
+
+@pytest.mark.parametrize("value", [None, 0, -1, "0.44", True, float("nan")])
+def test_a_price_the_api_does_not_state_as_a_positive_number_is_no_price(value: object) -> None:
+    pod = {**running_pod(POD, "198.51.100.7", 40022), "costPerHr": value}
+    assert endpoints.pod_ssh_endpoint(STACK, POD, pod).usd_per_hour is None

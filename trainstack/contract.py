@@ -421,6 +421,9 @@ class StackOutputs:
     idle_minutes: int | None = None
     max_hours: float | None = None
     price_per_hour: float | None = None
+    #: Not an output: what the cloud's API said a machine costs per hour, when the stack states no
+    #: price (a RunPod pod's, looked up with its address by `trainstack.endpoints`).
+    api_price_per_hour: float | None = None
     #: "s3://bucket/prefix" of the experiment's artifact store; "" without one.
     store: str = ""
     checkpoint_dirs: tuple[str, ...] = DEFAULT_CHECKPOINT_DIRS

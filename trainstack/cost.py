@@ -53,6 +53,8 @@ def stack_price(outputs: StackOutputs, config: Mapping[str, Any] | None = None) 
         return HourlyPrice(0.0, "local target")
     if outputs.price_per_hour is not None:
         return HourlyPrice(float(outputs.price_per_hour), "stack output")
+    if outputs.api_price_per_hour is not None:
+        return HourlyPrice(float(outputs.api_price_per_hour), "RunPod's price")
     return contract.hourly_price(outputs.instance_type, outputs.region or DEFAULT_REGION, outputs.spot)
 
 

@@ -45,6 +45,8 @@ _TERMINATED = "TERMINATED"
 class Endpoint:
     host: str
     port: int
+    #: What the cloud charges for the machine per hour (RunPod's `costPerHr`), when it says.
+    usd_per_hour: float | None = None
 
 
 #: Looks up one pod's SSH endpoint: (stack, pod id) -> Endpoint, raising the errors of
@@ -165,7 +167,7 @@ def pod_ssh_endpoint(stack: str, pod_id: str, pod: Any) -> Endpoint:
             and port.get("ip")
             and isinstance(port.get("publicPort"), int)
         ):
-            return Endpoint(str(port["ip"]), int(port["publicPort"]))
+            return Endpoint(str(port["ip"]), int(port["publicPort"]), _price(pod.get("costPerHr")))
     raise PodStarting(
         f"{where} is still starting (RunPod shows no public SSH port for it yet): run `invoke wait -s {stack}`"
     )
@@ -199,13 +201,23 @@ def _read_cache(state_dir: Path) -> dict[str, Endpoint]:
     known = {}
     for key, value in raw.items() if isinstance(raw, dict) else ():
         if isinstance(value, dict) and isinstance(value.get("host"), str) and isinstance(value.get("port"), int):
-            known[key] = Endpoint(value["host"], value["port"])
+            known[key] = Endpoint(value["host"], value["port"], _price(value.get("usd_per_hour")))
     return known
+
+
+def _price(value: Any) -> float | None:
+    """A price per hour as the API (or the cache) states it; None for anything but a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 < value < 1e6 else None
 
 
 def _write_cache(state_dir: Path, known: Mapping[str, Endpoint]) -> None:
     path = state_dir / layout.ENDPOINTS_CACHE
-    content = json.dumps({key: {"host": e.host, "port": e.port} for key, e in sorted(known.items())}, indent=2)
+    content = json.dumps({
+        key: {"host": e.host, "port": e.port, **({} if e.usd_per_hour is None else {"usd_per_hour": e.usd_per_hour})}
+        for key, e in sorted(known.items())
+    }, indent=2)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -221,7 +233,10 @@ def _with_addresses(outputs: StackOutputs, found: Mapping[int, Endpoint]) -> Sta
         replace(node, host=found[index].host, port=found[index].port) if index in found else node
         for index, node in enumerate(outputs.nodes)
     )
-    return replace(outputs, nodes=nodes)
+    prices = [e.usd_per_hour for e in found.values() if e.usd_per_hour is not None]
+    # The cloud's own figure, where the stack states none (a pricePerHour setting still wins).
+    price = max(prices) if prices and outputs.price_per_hour is None else outputs.api_price_per_hour
+    return replace(outputs, nodes=nodes, api_price_per_hour=price)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -125,7 +125,7 @@ def test_a_pod_started_by_its_start_command_runs_the_whole_workflow(host_pool: H
         # The address was asked once the pod had one, and is not asked again from here on.
         lookups = api.pod_lookups()
         cached = json.loads((stack_state_dir(experiment.project, STACK) / ENDPOINTS_CACHE).read_text())
-        assert cached == {f"runpod/{POD_ID}": {"host": host.address, "port": contract.SSH_PORT}}
+        assert cached == {f"runpod/{POD_ID}": {"host": host.address, "port": contract.SSH_PORT, "usd_per_hour": 0.44}}
 
         synced = invoke("sync")
         assert synced.returncode == 0, synced.stderr
