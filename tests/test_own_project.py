@@ -96,7 +96,8 @@ def test_the_wheel_carries_the_program_and_the_bootstrap(user_venv: Path) -> Non
         "from trainstack import bundled\n"
         "root = bundled.bootstrap_dir()\n"
         "print(json.dumps([trainstack.__file__, trainstack_infra.__file__, str(root),\n"
-        "                  sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())]))\n"
+        "                  sorted(str(p.relative_to(root)) for p in root.rglob('*')\n"
+        "                         if p.is_file() and '__pycache__' not in p.parts)]))\n"
     ))
     assert proc.returncode == 0, proc.stderr
     package, program, bootstrap, files = json.loads(proc.stdout)
