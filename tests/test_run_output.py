@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from trainstack import contract
 
@@ -80,14 +83,22 @@ def test_the_buffering_default_can_be_overridden(venv_bin: Path, local_sshd, pro
 
 def test_ctrl_c_during_follow_says_the_run_goes_on_and_how_to_reattach(venv_bin: Path, local_sshd, project_dir: Path) -> None:
     follower = _popen(venv_bin, project_dir, "train", "--no-sync", "--command", UNFLUSHED, "--follow")
+    said: list[bytes] = []  # stderr, read all along: a full pipe must not be what holds the process
+    reader = threading.Thread(target=lambda: said.extend(iter(follower.stderr.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     run_id = ""
     try:
         received = _read_until(follower, b"first line", 30)
         assert b"first line" in received, received
         run_id = received.decode().splitlines()[0]
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(20) == 130
-        stderr = follower.stderr.read().decode()  # type: ignore[union-attr]
+        try:
+            code = follower.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 20 s after Ctrl-C; it said: {b''.join(said).decode(errors='replace')[-3000:]}")
+        assert code == 130
+        reader.join(10)
+        stderr = b"".join(said).decode()
         assert "Traceback" not in stderr
         last = stderr.strip().splitlines()[-1]
         assert f"run {run_id} goes on" in last
