@@ -32,10 +32,19 @@ def _invoke(venv_bin: Path, cwd: Path, *args: str, **env: str) -> subprocess.Com
     )
 
 
+def _as_a_terminals_foreground_job() -> None:
+    """Ctrl-C reaches a command typed in a terminal: SIGINT at its default, whatever this test
+    process inherited (a suite started in the background of a shell without job control has
+    SIGINT ignored, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _popen(venv_bin: Path, cwd: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(venv_bin / "invoke"), "--search-root", str(REPO), *args],
         cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=_as_a_terminals_foreground_job,
     )
 
 
