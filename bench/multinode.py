@@ -47,8 +47,6 @@ TARGET_RATIO = 1.5
 SYNC_TIME_RATIO = 1.3
 SYNC_BYTES_RATIO = 1.1
 JOB = "sleep 1"
-#: False (--no-relay): every node is shipped from the laptop, to show what the relay saves.
-RELAY = True
 
 
 @dataclass
@@ -85,18 +83,18 @@ def write_data(code: Path, mib: int, seed: int) -> int:
     return mib << 20
 
 
-def _env(code: Path) -> dict[str, str]:
+def _env(code: Path, relay: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSTACK_")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a warm bytecode cache, as on a user's machine
     env.update(TRAINSTACK_STACK="local", TRAINSTACK_WORKDIR=str(code), NO_COLOR="1")
-    if not RELAY:
+    if not relay:  # --no-relay: every node shipped from the laptop, to show what the relay saves
         env["TRAINSTACK_SYNC_RELAY"] = "off"
     return env
 
 
-def invoke(project: Path, code: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def invoke(project: Path, code: Path, *args: str, relay: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [str(INVOKE), "--search-root", str(REPO), *args], cwd=project, env=_env(code),
+        [str(INVOKE), "--search-root", str(REPO), *args], cwd=project, env=_env(code, relay),
         capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:
@@ -107,13 +105,16 @@ def invoke(project: Path, code: Path, *args: str) -> subprocess.CompletedProcess
 class Target:
     """One project with its local target of `nodes` nodes, reached through `link`."""
 
-    def __init__(self, workspace: Path, code: Path, nodes: int, link: "Link", wires: "tuple[Wire, Wire]") -> None:
+    def __init__(
+        self, workspace: Path, code: Path, nodes: int, link: "Link", wires: "tuple[Wire, Wire]", relay: bool = True,
+    ) -> None:
         self.project = workspace / f"project-{nodes}"
         self.project.mkdir()
         self.code = code
         self.nodes = nodes
         self.link = link
         self.wires = wires
+        self.relay = relay
         self.proxies: list[CountingProxy] = []
 
     def fresh(self) -> None:
@@ -147,12 +148,12 @@ class Target:
         """A first sync: seconds, and bytes over the uplink."""
         before = self.uplink_bytes()
         started = time.perf_counter()
-        invoke(self.project, self.code, "sync")
+        invoke(self.project, self.code, "sync", relay=self.relay)
         return time.perf_counter() - started, self.uplink_bytes() - before
 
     def start(self) -> float:
         started = time.perf_counter()
-        proc = invoke(self.project, self.code, "train", "--command", JOB)
+        proc = invoke(self.project, self.code, "train", "--command", JOB, relay=self.relay)
         elapsed = time.perf_counter() - started
         self._wait_ended(proc.stdout.strip().splitlines()[-1])
         return elapsed
@@ -192,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="ship every node from the laptop (TRAINSTACK_SYNC_RELAY=off), for comparison")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample as JSON")
     args = parser.parse_args(argv)
-    global RELAY
-    RELAY = not args.no_relay
     if args.runs < 1 or args.nodes < 2 or args.files < 1 or args.data_mb < 0:
         parser.error("--runs and --files must be at least 1, --nodes at least 2, --data-mb at least 0")
     link = PROFILES[args.link]
@@ -206,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         code = workspace / "code"
         size = write_project(code, args.files, seed=1) + write_data(code, args.data_mb, seed=1)
         wires = (Wire(), Wire())  # one laptop: its uplink and downlink, shared by every node's connection
-        targets = [Target(workspace, code, 1, link, wires), Target(workspace, code, args.nodes, link, wires)]
+        relay = not args.no_relay
+        targets = [Target(workspace, code, n, link, wires, relay) for n in (1, args.nodes)]
         for scenario in results:
             for target in targets:
                 results[scenario][target.nodes] = Series()
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"the local target through {link.describe()}: {args.files + 2} files + {args.data_mb} MiB of data "
           f"({size / 2**20:.1f} MiB), median of {args.runs} runs, {os.cpu_count()} CPUs"
-          + ("" if RELAY else ", relay off"))
+          + ("" if not args.no_relay else ", relay off"))
     print(f"{'scenario':<12} {'1 node':>9} {f'{args.nodes} nodes':>9} {'ratio':>6}  target")
     for scenario, by_nodes in results.items():
         one, many = by_nodes[1].median, by_nodes[args.nodes].median

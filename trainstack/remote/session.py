@@ -121,10 +121,11 @@ class NodeSession:
         self._settle()
         proc, self._proc = self._proc, None
         if proc is not None:
-            if not self._spent and proc.poll() is None:
-                proc.kill()  # through a ControlMaster: the master closes the channel, at once
+            answered_only = not self._spent
             self._spent = True
-            self._end(proc, read_stderr=False)
+            if answered_only and proc.poll() is None:
+                proc.kill()  # through a ControlMaster: the master closes the channel, at once
+            self._end(proc, read_stderr=not answered_only)
 
     @staticmethod
     def _end(proc: "subprocess.Popen[bytes]", read_stderr: bool = True) -> bytes:

@@ -31,7 +31,8 @@ from trainstack.remote.rsync import RSYNC_VANISHED, RsyncOutcome, compression_se
 from trainstack.remote.session import NodeSession
 from trainstack.remote.shell import LinkFailed, wait_for_node
 from trainstack.sync.node import (
-    ManifestChanged, RemoteLayout, RsyncMissing, read_node_manifests, read_remote_header, report, sync_id,
+    ManifestChanged, RemoteLayout, RsyncMissing, read_node_manifests, read_remote_header, report,
+    report_everything, sync_id,
 )
 from trainstack.sync.plan import Plan, make_plan
 from trainstack.sync.record import (
@@ -150,10 +151,7 @@ class _Sync:
             except ManifestChanged:
                 node_changed = True  # the node holds an earlier sync: plan against it
             else:
-                result.transport, result.bytes_sent = TRANSPORT_TAR, sent
-                result.transferred = len(pending.paths)
-                result.changes = [f"+ {p}" for p in pending.paths]
-                report(result, found, self.remote, kept_id)
+                report_everything(result, pending.paths, sent, TRANSPORT_TAR, found, self.remote, kept_id)
                 self.record.write_synced(pending.finish())
                 first.finish()
                 return result
@@ -356,7 +354,9 @@ class NodesSync:
         fresh = [i for i in nodes.indexes if LocalRecord(nodes.targets[i], i).read_synced_digest() is None]
         chosen = relay.candidates(nodes, fresh)
         if chosen:
-            self.done.update(relay.ship_once(nodes, chosen, self.tree, self.console))
+            started = time.monotonic()
+            for index, result in relay.ship_once(nodes, chosen, self.tree, self.console).items():
+                self.done[index] = _finish(result, started, self.console(index), dry_run=False)
 
     def __call__(self, target: "Target", conn: "Connection") -> SyncResult:
         done = self.done.get(conn.node_index)

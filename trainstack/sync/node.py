@@ -132,6 +132,17 @@ def node_outcome(conn: "Connection", found: answers.Answers, code: int, stderr: 
         )
 
 
+def report_everything(
+    result: SyncResult, paths: Sequence[str], sent: int, transport: str, found: answers.Answers, remote: RemoteLayout,
+    kept_id: str,
+) -> None:
+    """`result` of a stream of every path in `paths` that the node took (a first sync)."""
+    result.transport, result.bytes_sent = transport, sent
+    result.transferred = len(paths)
+    result.changes = [f"+ {p}" for p in paths]
+    report(result, found, remote, kept_id)
+
+
 def report(result: SyncResult, found: answers.Answers, remote: RemoteLayout, kept_id: str) -> None:
     if found.kept:
         result.kept += found.kept

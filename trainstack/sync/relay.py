@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import threading
 import time
@@ -25,14 +24,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from trainstack.errors import TrainstackError
 from trainstack.remote import answers, scripts, shell
-from trainstack.remote.rsync import wants_compression
 from trainstack.remote.shell import LinkFailed
-from trainstack.sync.node import LOCK_WAIT_SECONDS, ManifestChanged, RemoteLayout, ZstdMissing, report, sync_id
-from trainstack.sync.plan import kib_needed
+from trainstack.sync.node import ManifestChanged, RemoteLayout, ZstdMissing, report_everything, sync_id
 from trainstack.sync.record import Bookkeeping, LocalRecord, LocalTree, refuse_unreadable
 from trainstack.sync.result import SyncResult, TRANSPORT_TAR
-from trainstack.sync.via_tar import Files, control_archive, stream_tar_openssh, tar_outcome
-from trainstack.transfer import say
+from trainstack.sync.via_tar import (
+    compresses, first_sync_args, first_sync_files, first_sync_head, stream_tar_openssh, tar_outcome,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -112,7 +110,7 @@ class _Receiver:
 def candidates(nodes: "Nodes", fresh: Iterable[int]) -> list[int]:
     """The nodes one relayed stream can serve: every fresh node (no record of this
     checkout's sync) that has a private address, when there are two or more."""
-    if not enabled() or shutil.which("tar") is None or shutil.which("ssh") is None:
+    if not enabled():
         return []
     chosen = [i for i in sorted(fresh) if nodes.target.node(i).private_ip]
     return chosen if len(chosen) >= 2 else []
@@ -124,22 +122,18 @@ def ship_once(
     """The whole tree to `indexes` (two or more nodes holding no sync of this checkout),
     over the laptop's link once. Returns the result of each node it reached whole; the
     others hold what they held before."""
-    started = time.monotonic()
     head, rest = indexes[0], indexes[1:]
     head_target = nodes.targets[head]
     workdir = head_target.require_workdir()
     head_record = LocalRecord(head_target, head)
     cache, pending = tree.scan(head_target, head_record)
     refuse_unreadable(workdir, pending)
-    found = pending.found
-    needed = sum(found[p][2].st_size for p in pending.paths if p in found)
-    compress = wants_compression(nodes.conns[head].host) and shutil.which("zstd") is not None
+    compress = compresses(nodes.conns[head])
     compression = "zstd" if compress else "none"
     kept_id = sync_id()
 
     def apply_args(index: int) -> list[str]:
-        remote = RemoteLayout.of(nodes.targets[index])
-        return [remote.root, remote.workdir, "none", str(LOCK_WAIT_SECONDS), kept_id, str(kib_needed(needed)), compression]
+        return [*first_sync_args(RemoteLayout.of(nodes.targets[index]), pending, kept_id), compression]
 
     receivers: list[_Receiver] = []
     for index in rest:
@@ -169,12 +163,14 @@ def ship_once(
     command = (
         scripts.python_command("relay.py", ["tee", *relay]) + " | " + scripts.command("sync-apply.sh", apply_args(head))
     )
-    files = Files(pending.paths, pending.total_bytes, pending.finish)
     first = Bookkeeping(cache, head_record, pending)
     head_found: answers.Answers | None = None
     sent = 0
     try:
-        sent, head_found = _stream(nodes.conns[head], workdir, files, command, console_for(head), first.run, compress)
+        sent, head_found = stream_tar_openssh(
+            nodes.conns[head], workdir, first_sync_files(pending), first_sync_head(), command, console_for(head),
+            first.run, compress=compress,
+        )
     except _NOT_TAKEN:
         head_found = None  # the head is left to its own sync; the receivers got what the tee passed on
     except BaseException:
@@ -197,24 +193,12 @@ def ship_once(
     if head_found is None and results:
         first.finish()
     for index, result in results.items():
-        result.seconds = time.monotonic() - started
         if index != head:
-            result.changes = []
             result.warnings.insert(0, f"the files came from node {head} over the nodes' own network")
-        say(console_for(index), result.summary())
-        for warning in result.warnings:
-            say(console_for(index), f"warning: {warning}")
     return results
 
 
-def _stream(conn: "Connection", workdir, files: Files, command: str, console, meanwhile, compress: bool):  # type: ignore[no-untyped-def]
-    return stream_tar_openssh(conn, workdir, files, control_archive([], b"", [], []), command, console, meanwhile, compress=compress)
-
-
 def _result(pending, node_target, found: answers.Answers, kept_id: str, sent: int, transport: str) -> SyncResult:  # type: ignore[no-untyped-def]
-    result = SyncResult(files=len(pending.found), bytes_total=pending.total_bytes, transport=transport)
-    result.bytes_sent = sent
-    result.transferred = len(pending.paths)
-    result.changes = [f"+ {p}" for p in pending.paths]
-    report(result, found, RemoteLayout.of(node_target), kept_id)
+    result = SyncResult(files=len(pending.found), bytes_total=pending.total_bytes)
+    report_everything(result, pending.paths, sent, transport, found, RemoteLayout.of(node_target), kept_id)
     return result

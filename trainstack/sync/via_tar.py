@@ -86,7 +86,7 @@ def send_stream(
         return stream_tar_paramiko(
             conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "none"]), console, meanwhile,
         )
-    if wants_compression(conn.host) and shutil.which("zstd"):
+    if compresses(conn):
         try:
             return stream_tar_openssh(
                 conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "zstd"]), console, meanwhile,
@@ -97,6 +97,23 @@ def send_stream(
     return stream_tar_openssh(conn, workdir, files, head, scripts.command("sync-apply.sh", [*args, "none"]), console, meanwhile)
 
 
+def compresses(conn: "Connection") -> bool:
+    """Whether a stream to this node goes through zstd: on a real network, when this end has it."""
+    return wants_compression(conn.host) and shutil.which("zstd") is not None
+
+
+def first_sync_args(remote: RemoteLayout, pending: PendingScan, kept_id: str) -> list[str]:
+    """sync-apply.sh's arguments (all but the compression) for a stream of everything to a
+    node that must hold no manifest."""
+    found = pending.found
+    needed = sum(found[p][2].st_size for p in pending.paths if p in found)
+    return [remote.root, remote.workdir, "none", str(LOCK_WAIT_SECONDS), kept_id, str(kib_needed(needed))]
+
+
+def first_sync_files(pending: PendingScan) -> Files:
+    return Files(pending.paths, pending.total_bytes, pending.finish)
+
+
 def first_sync(
     conn: "Connection", workdir: Path, remote: RemoteLayout, pending: PendingScan, console: "Console | None",
     kept_id: str, meanwhile: Callable[[], None] | None = None,
@@ -104,11 +121,13 @@ def first_sync(
     """Everything, to a node that holds no manifest (raises ManifestChanged when it does):
     no round trip first, the content hashes computed while the stream flows, the manifest
     last. (bytes sent, the node's answer)."""
-    found = pending.found
-    needed = sum(found[p][2].st_size for p in pending.paths if p in found)
-    files = Files(pending.paths, pending.total_bytes, pending.finish)
-    args = [remote.root, remote.workdir, "none", str(LOCK_WAIT_SECONDS), kept_id, str(kib_needed(needed))]
-    return send_stream(conn, workdir, files, control_archive([], b"", [], []), args, console, meanwhile)
+    args = first_sync_args(remote, pending, kept_id)
+    return send_stream(conn, workdir, first_sync_files(pending), first_sync_head(), args, console, meanwhile)
+
+
+def first_sync_head() -> bytes:
+    """What a first sync's stream carries ahead of the files: empty lists, nothing to check or delete."""
+    return control_archive([], b"", [], [])
 
 
 def control_archive(check: Sequence[str], owned: bytes, delete: Sequence[str], rmdirs: Sequence[str]) -> bytes:
