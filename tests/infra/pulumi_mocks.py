@@ -17,6 +17,26 @@ REGION = "eu-west-1"
 CALLER_ARN = "arn:aws:iam::123456789012:user/alice"
 ZONES = ("eu-west-1a", "eu-west-1b", "eu-west-1c")
 DEFAULT_VPC = "vpc-0def0def0def0def0"
+#: The caller's own address in the tests' experiments (a documentation address, RFC 5737).
+MY_CIDR = "198.51.100.7/32"
+
+
+def aws_config(**overrides: Any) -> Any:
+    """An AWS experiment's settings that allow SSH from MY_CIDR, with `overrides`."""
+    from infra.config import ExperimentConfig
+
+    return ExperimentConfig(**{"ssh_allowed_cidrs": (MY_CIDR,), **overrides})
+
+
+def declare_program(cfg: Any = None, lookups: Any = None) -> pulumi.Output[dict]:
+    """Declares the experiment as `pulumi up` would; resolves to its outputs once every resource
+    (the store's too) is registered (the mocks see them in no fixed order)."""
+    from infra import program
+
+    machines, outputs = program.declare(lookups=lookups, cfg=cfg)
+    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
+    registered = pulumi.Output.all(*[resource.urn for resource in declared])
+    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def default_subnet_id(zone: str) -> str:

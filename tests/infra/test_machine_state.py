@@ -4,30 +4,16 @@ finds, so a machine the idle watchdog powered off is not started again by a refr
 
 from __future__ import annotations
 
-from typing import Any
-
 import pulumi
 import pytest
-from pulumi_mocks import RecordingMocks
+from pulumi_mocks import RecordingMocks, aws_config as config, declare_program as run
 
 from infra import machine, program
-from infra.config import ExperimentConfig
 from trainstack import contract
 
 INSTANCE = "aws:ec2/instance:Instance"
 SPOT_REQUEST = "aws:ec2/spotInstanceRequest:SpotInstanceRequest"
 INSTANCE_STATE = "aws:ec2transitgateway/instanceState:InstanceState"
-
-
-def config(**overrides: Any) -> ExperimentConfig:
-    return ExperimentConfig(ssh_allowed_cidrs=("198.51.100.7/32",), **overrides)
-
-
-def run(cfg: ExperimentConfig) -> pulumi.Output[dict]:
-    machines, outputs = program.declare(cfg=cfg)
-    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
-    registered = pulumi.Output.all(*[resource.urn for resource in declared])
-    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 @pulumi.runtime.test

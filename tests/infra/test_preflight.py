@@ -5,11 +5,9 @@ refresh) from replacing a machine and deleting its disk."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pulumi
 import pytest
-from pulumi_mocks import DEFAULT_VPC, REGION, ZONES, RecordingMocks, default_subnet_id, fake_image_id
+from pulumi_mocks import DEFAULT_VPC, REGION, ZONES, RecordingMocks, default_subnet_id, fake_image_id, aws_config as config, declare_program as run
 
 from infra import images, program, userdata
 from infra.config import ExperimentConfig
@@ -19,17 +17,6 @@ from trainstack import contract
 INSTANCE = "aws:ec2/instance:Instance"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
-MY_CIDR = "198.51.100.7/32"
-
-
-def config(**overrides: Any) -> ExperimentConfig:
-    return ExperimentConfig(**{"ssh_allowed_cidrs": (MY_CIDR,), **overrides})
-
-
-def run(cfg: ExperimentConfig) -> pulumi.Output[dict]:
-    machines, outputs = program.declare(cfg=cfg)
-    registered = pulumi.Output.all(*[resource.urn for resource in machines.declared])
-    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def refused(mocks: RecordingMocks, cfg: ExperimentConfig) -> str:

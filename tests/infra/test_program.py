@@ -12,11 +12,11 @@ from typing import Any
 
 import pulumi
 import pytest
-from pulumi_mocks import CALLER_ARN, REGION, STACK, RecordingMocks, fake_image_id
+from pulumi_mocks import CALLER_ARN, REGION, STACK, RecordingMocks, fake_image_id, aws_config as config, declare_program as run, MY_CIDR
 
 from infra import images, program, userdata
 from infra.hardware import Gpu, Hardware
-from infra.config import ConfigError, ExperimentConfig
+from infra.config import ConfigError
 from trainstack import contract
 
 INSTANCE = "aws:ec2/instance:Instance"
@@ -27,23 +27,7 @@ PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
 PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 GET_AMI = "aws:ec2/getAmi:getAmi"
 
-MY_CIDR = "198.51.100.7/32"
 WORLD = ("0.0.0.0/0", "::/0")
-
-
-def config(**overrides: Any) -> ExperimentConfig:
-    settings: dict[str, Any] = {"ssh_allowed_cidrs": (MY_CIDR,)}
-    settings.update(overrides)
-    return ExperimentConfig(**settings)
-
-
-def run(cfg: ExperimentConfig | None = None, lookups: images.CloudLookups | None = None) -> pulumi.Output[dict]:
-    """Declares the experiment; resolves to its outputs once every resource is registered (the
-    mocks see them in no fixed order)."""
-    machines, outputs = program.declare(lookups=lookups, cfg=cfg)
-    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
-    registered = pulumi.Output.all(*[resource.urn for resource in declared])
-    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def ingress_cidrs(mocks: RecordingMocks) -> list[str]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pulumi
 import pytest
 import yaml
-from pulumi_mocks import RecordingMocks
+from pulumi_mocks import RecordingMocks, aws_config as config, declare_program as run, MY_CIDR
 
-from infra import images, program
+from infra import images
 from infra.config import ConfigError, ExperimentConfig
 from trainstack import contract
 
@@ -21,18 +20,7 @@ INSTANCE = "aws:ec2/instance:Instance"
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
-MY_CIDR = "198.51.100.7/32"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def config(**overrides: Any) -> ExperimentConfig:
-    return ExperimentConfig(**{"ssh_allowed_cidrs": (MY_CIDR,), **overrides})
-
-
-def run(cfg: ExperimentConfig) -> pulumi.Output[dict]:
-    machines, outputs = program.declare(cfg=cfg)
-    registered = pulumi.Output.all(*[resource.urn for resource in machines.declared])
-    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def _rank(instance: pulumi.runtime.MockResourceArgs) -> int:

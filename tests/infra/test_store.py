@@ -5,13 +5,12 @@ prefix only (docs/persistence.md)."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pulumi
 import pytest
-from pulumi_mocks import STACK, RecordingMocks
+from pulumi_mocks import STACK, RecordingMocks, aws_config as config, declare_program as run
 
-from infra import program, store
+from infra import store
 from infra.config import ConfigError, ExperimentConfig
 from trainstack import contract
 
@@ -25,17 +24,6 @@ ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 PROFILE = "aws:iam/instanceProfile:InstanceProfile"
 INSTANCE = "aws:ec2/instance:Instance"
 STORE_TYPES = (BUCKET, PUBLIC_ACCESS_BLOCK, ENCRYPTION, BUCKET_POLICY, LIFECYCLE)
-
-
-def config(**overrides: Any) -> ExperimentConfig:
-    return ExperimentConfig(ssh_allowed_cidrs=("198.51.100.7/32",), **overrides)
-
-
-def run(cfg: ExperimentConfig) -> pulumi.Output[dict]:
-    machines, outputs = program.declare(cfg=cfg)
-    declared = list(machines.declared) + (list(machines.store.declared) if machines.store else [])
-    registered = pulumi.Output.all(*[resource.urn for resource in declared])
-    return pulumi.Output.all(registered, pulumi.Output.all(**outputs)).apply(lambda both: both[1])
 
 
 def only(mocks: RecordingMocks, typ: str) -> pulumi.runtime.MockResourceArgs:
