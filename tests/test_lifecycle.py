@@ -366,8 +366,9 @@ def test_up_passes_the_new_image_request_on(project_dir: Path, local_sshd: Local
     assert engine.calls == [("up --new-image", "exp1")]
 
 
-def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """What the engine asks of Pulumi's Automation API (the CLI itself is not run here)."""
+def fake_automation_api(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Pulumi's Automation API replaced by a recorder (the CLI itself is not run here): what the
+    engine passed to `up` ("up") and the environment it gave the stack ("env")."""
     from pulumi import automation as auto
 
     seen: dict[str, Any] = {}
@@ -383,6 +384,12 @@ def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatc
 
     monkeypatch.setattr(lifecycle.shutil, "which", lambda name: "/usr/bin/pulumi")
     monkeypatch.setattr(auto, "create_or_select_stack", create_or_select_stack)
+    return seen
+
+
+def test_automation_engine_refreshes_and_passes_the_new_image_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """What the engine asks of Pulumi's Automation API (the CLI itself is not run here)."""
+    seen = fake_automation_api(monkeypatch)
     lifecycle.AutomationEngine().up("exp1", tmp_path, print)
     assert seen["up"]["refresh"] is True and seen["env"] is None
     lifecycle.AutomationEngine().up("exp1", tmp_path, print, new_image=True)
@@ -484,21 +491,7 @@ def test_start_and_stop_refuse_what_cannot_be_done_in_one_line(project_dir: Path
 
 
 def test_automation_engine_passes_the_requested_machine_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from pulumi import automation as auto
-
-    seen: dict[str, Any] = {}
-
-    class Handle:
-        def up(self, **kwargs: Any) -> Any:
-            seen["up"] = kwargs
-            return type("Result", (), {"outputs": {}})()
-
-    def create_or_select_stack(*, stack_name: str, work_dir: str, opts: Any) -> Handle:
-        seen["env"] = opts.env_vars if opts is not None else None
-        return Handle()
-
-    monkeypatch.setattr(lifecycle.shutil, "which", lambda name: "/usr/bin/pulumi")
-    monkeypatch.setattr(auto, "create_or_select_stack", create_or_select_stack)
+    seen = fake_automation_api(monkeypatch)
     lifecycle.AutomationEngine().up("exp1", tmp_path, print, machine_state="running")
     assert seen["up"]["refresh"] is True
     assert seen["env"] == {contract.MACHINE_STATE_ENV: "running"}

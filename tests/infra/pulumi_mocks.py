@@ -97,13 +97,14 @@ def instance_id(index: int) -> str:
     return f"i-{index:017x}"
 
 
-def _ed25519_openssh_pair() -> tuple[str, str]:
+def ed25519_openssh_pair() -> tuple[str, str]:
+    """A new ED25519 key: its private half in OpenSSH format, its public line (no newline)."""
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     ).decode()
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return private, public + "\n"
+    return private, public
 
 
 @dataclass
@@ -161,8 +162,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         index = len(self.resources)
         resource_id = f"{args.name}-id"
         if args.typ == "tls:index/privateKey:PrivateKey":
-            private, public = _ed25519_openssh_pair()
-            outputs.update(private_key_openssh=private, public_key_openssh=public)
+            private, public = ed25519_openssh_pair()
+            # The tls provider ends its public line with a newline.
+            outputs.update(private_key_openssh=private, public_key_openssh=public + "\n")
         elif args.typ == "aws:ec2/instance:Instance":
             stopped = self.instance_state == "stopped"
             outputs.update(public_ip="" if stopped else f"198.51.100.{index}", private_ip=f"10.0.0.{index}",

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from pulumi_mocks import ed25519_openssh_pair
 
 from infra import pod_start, userdata
 from infra.config import MAX_SSH_PUBLIC_KEY_CHARS
@@ -26,17 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 START_SH = REPO / "bootstrap" / "pod" / "start.sh"
 
 
-def _pair() -> tuple[str, str]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return private, public
 
 
-HOST_PRIVATE, HOST_PUBLIC = _pair()
-_, CLIENT_PUBLIC = _pair()
+HOST_PRIVATE, HOST_PUBLIC = ed25519_openssh_pair()
+_, CLIENT_PUBLIC = ed25519_openssh_pair()
 
 
 def inputs(**overrides) -> userdata.BootstrapInputs:

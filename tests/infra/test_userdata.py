@@ -11,25 +11,18 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from pulumi_mocks import ed25519_openssh_pair
 
 from infra import userdata
 from infra.userdata import BootstrapInputs, UserDataError, UserDataTooLarge
 
 
-def _key_pair() -> tuple[str, str]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return private, public
 
 
 @pytest.fixture
 def inputs() -> BootstrapInputs:
-    host_private, host_public = _key_pair()
-    _, client_public = _key_pair()
+    host_private, host_public = ed25519_openssh_pair()
+    _, client_public = ed25519_openssh_pair()
     return BootstrapInputs(
         authorized_public_key=client_public + " alice@laptop",
         host_private_key_openssh=host_private,
